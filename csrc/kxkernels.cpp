@@ -1,0 +1,58 @@
+// Every kxkernels op schema, in one TORCH_LIBRARY block, and the Python module init.
+// Kernels register by dispatch key in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; the fake (meta)
+// kernels, autograd formulas and Triton CUDA kernels register from kxkernels/ops/<op>/.
+#include <Python.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef KX_TORCH_VERSION
+#define KX_TORCH_VERSION "unknown"
+#endif
+#ifndef KX_WITH_CUDA
+#define KX_WITH_CUDA 0
+#endif
+#ifndef KX_CUDA_ARCHS
+#define KX_CUDA_ARCHS ""
+#endif
+#ifndef KX_CUDA_VERSION
+#define KX_CUDA_VERSION ""
+#endif
+
+TORCH_LIBRARY(kxkernels, m) {
+  // ---- sparse softmax top-k (SPACES) --------------------------------------------------------
+  // logits (N, V), softmax over the k largest entries of each row, zero elsewhere.
+  // Returns (probs (N, V) in logits dtype, topk_index (N, k) int64, sorted by value desc then index asc).
+  m.def("sparse_softmax_fwd(Tensor logits, int k) -> (Tensor, Tensor)");
+  m.def("sparse_softmax_bwd(Tensor grad_probs, Tensor probs, Tensor topk_index) -> Tensor");
+  // Per-row loss logsumexp(top_k(x) [u {target}]) - x[target] (0 for ignored rows), float32.
+  // Returns (loss (N,) float32, lse (N,) float32, topk_index (N, k) int64).
+  m.def("sparse_softmax_cross_entropy_fwd(Tensor logits, Tensor target, int k, int ignore_index, "
+        "bool include_target) -> (Tensor, Tensor, Tensor)");
+  // Gradient of sum(grad_loss * loss) w.r.t. logits, (N, V) in logits dtype: k (+1) non-zeros a row.
+  m.def("sparse_softmax_cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, "
+        "Tensor topk_index, int ignore_index, bool include_target) -> Tensor");
+  // ---- batched Sinkhorn / WRD ---------------------------------------------------------------
+  // (schemas added with the op)
+}
+
+static pybind11::dict build_info() {
+  pybind11::dict d;
+  d["torch_version"] = KX_TORCH_VERSION;
+  d["cuda"] = bool(KX_WITH_CUDA);
+  d["cuda_version"] = KX_CUDA_VERSION;
+  d["cuda_archs"] = KX_CUDA_ARCHS;
+#if defined(__clang__)
+  d["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = "gcc " __VERSION__;
+#else
+  d["compiler"] = "unknown";
+#endif
+  d["openmp"] = bool(AT_PARALLEL_OPENMP);
+  return d;
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "kxkernels compiled kernels: ops live in torch.ops.kxkernels";
+  m.def("build_info", &build_info, "How this extension was built");
+}

@@ -1,0 +1,1 @@
+"""One sub-package per op: public function + registration, reference.py, triton.py."""
