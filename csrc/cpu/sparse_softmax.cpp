@@ -7,6 +7,7 @@
 
 #include "common/checks.h"
 #include "common/math.h"
+#include "common/output.h"
 
 namespace kx {
 namespace {
@@ -117,8 +118,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_softmax_fwd_cpu(const at::Tensor& logi
   check_logits(logits_in, k);
   const at::Tensor logits = rows_of(logits_in);
   const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
-  at::Tensor probs = at::empty({N, V}, logits.options());
-  at::Tensor index = at::empty({N, k}, logits.options().dtype(at::kLong));
+  at::Tensor probs = new_output({N, V}, logits.options());
+  at::Tensor index = new_output({N, k}, logits.options().dtype(at::kLong));
   int64_t* ip = index.data_ptr<int64_t>();
   KX_DISPATCH_FLOATING(logits.scalar_type(), "sparse_softmax_fwd", [&] {
     using A = acc_t<scalar_t>;
@@ -149,7 +150,7 @@ at::Tensor sparse_softmax_bwd_cpu(const at::Tensor& grad, const at::Tensor& prob
   const int64_t N = probs.size(0), V = probs.size(1), k = index.size(1);
   const at::Tensor idx = index.contiguous();
   const at::Tensor g = grad.to(probs.scalar_type());
-  at::Tensor out = at::empty({N, V}, probs.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = new_output({N, V}, probs.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t* ip = idx.data_ptr<int64_t>();
   KX_DISPATCH_FLOATING(probs.scalar_type(), "sparse_softmax_bwd", [&] {
     using A = acc_t<scalar_t>;
@@ -197,8 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_softmax_cross_entropy_fwd_
   const at::Tensor target = target_in.to(at::kLong).contiguous();
   const int64_t ld = logits.stride(0);
   auto f32 = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor loss = at::empty({N}, f32), lse = at::empty({N}, f32);
-  at::Tensor index = at::empty({N, k}, logits.options().dtype(at::kLong));
+  at::Tensor loss = new_output({N}, f32), lse = new_output({N}, f32);
+  at::Tensor index = new_output({N, k}, logits.options().dtype(at::kLong));
   const int64_t* tp = target.data_ptr<int64_t>();
   int64_t* ip = index.data_ptr<int64_t>();
   KX_DISPATCH_FLOATING(logits.scalar_type(), "sparse_softmax_cross_entropy_fwd", [&] {
@@ -246,7 +247,7 @@ at::Tensor sparse_softmax_cross_entropy_bwd_cpu(const at::Tensor& grad_loss, con
   const at::Tensor target = target_in.to(at::kLong).contiguous();
   const at::Tensor index = index_in.contiguous();
   const int64_t ld = logits.stride(0);
-  at::Tensor grad = at::empty({N, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = new_output({N, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t* tp = target.data_ptr<int64_t>();
   const int64_t* ip = index.data_ptr<int64_t>();
   KX_DISPATCH_FLOATING(logits.scalar_type(), "sparse_softmax_cross_entropy_bwd", [&] {

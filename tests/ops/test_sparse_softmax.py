@@ -1,0 +1,258 @@
+"""sparse_softmax / sparse_softmax_cross_entropy against the float64 eager reference, on every
+device present (CPU always; CUDA runs the Triton kernels), forward and backward."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import kxkernels as kx
+from kxkernels.ops.sparse_softmax import reference as ref
+from tests.conftest import devices
+
+# (atol, rtol) against the float64 reference run on the same (rounded) inputs.
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),  # output rounding: bf16 has 8 mantissa bits
+    torch.float16: (2e-3, 2e-3),
+    torch.float64: (1e-12, 1e-12),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 1, 1), (3, 7, 3), (5, 100, 10), (16, 3000, 10), (4, 5000, 64), (8, 200, 200)]
+
+
+def _logits(n, v, dtype, device, requires_grad=True):
+    return (3 * torch.randn(n, v, dtype=torch.float64)).to(dtype).to(device).requires_grad_(requires_grad)
+
+
+def _close(actual, expected, dtype, what):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol, msg=what)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,v,k", SHAPES)
+def test_sparse_softmax_forward_backward(device, dtype, n, v, k):
+    x = _logits(n, v, dtype, device)
+    x64 = x.detach().double().cpu().requires_grad_()
+    p = kx.sparse_softmax(x, k)
+    p64 = ref.sparse_softmax(x64, k)
+    assert p.dtype == dtype and p.shape == x.shape
+    _close(p, p64, dtype, "probs")
+    assert int((p != 0).sum(-1).max()) <= k
+    g = torch.randn(n, v, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(p, x, g.to(dtype).to(device))
+    (gx64,) = torch.autograd.grad(p64, x64, g.to(dtype).double())
+    _close(gx, gx64, dtype, "grad")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_sparse_softmax_other_dim_and_strides(device):
+    x = torch.randn(3, 50, 4, device=device)  # softmax over dim 1, a strided view
+    p = kx.sparse_softmax(x, 5, dim=1)
+    torch.testing.assert_close(p, ref.sparse_softmax(x, 5, dim=1))
+    xt = torch.randn(64, 30, device=device).t()  # (30, 64), stride(-1) != 1
+    torch.testing.assert_close(kx.sparse_softmax(xt, 4), ref.sparse_softmax(xt, 4))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,v,k", SHAPES)
+@pytest.mark.parametrize("include_target", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_forward_backward(device, dtype, n, v, k, include_target, reduction):
+    x = _logits(n, v, dtype, device)
+    target = torch.randint(v, (n,))
+    if n > 2:
+        target[1] = -100  # an ignored row
+    x64 = x.detach().double().cpu().requires_grad_()
+    loss = kx.sparse_softmax_cross_entropy(x, target.to(device), k, include_target=include_target,
+                                           reduction=reduction)
+    loss64 = ref.sparse_softmax_cross_entropy(x64, target, k, include_target=include_target,
+                                              reduction=reduction)
+    assert loss.dtype == dtype and loss.shape == loss64.shape
+    _close(loss, loss64, dtype, "loss")
+    g = torch.rand(loss64.shape, dtype=torch.float64) + 0.5
+    (gx,) = torch.autograd.grad(loss, x, g.to(dtype).to(device))
+    (gx64,) = torch.autograd.grad(loss64, x64, g.to(dtype).double())
+    _close(gx, gx64, dtype, "grad")
+    # k (+1 for the target) non-zeros a row, none in ignored rows
+    nnz = (gx != 0).sum(-1).cpu()
+    assert int(nnz.max()) <= k + 1
+    if n > 2:
+        assert int(nnz[1]) == 0
+
+
+@pytest.mark.parametrize("device", devices())
+def test_cross_entropy_3d(device):
+    x = torch.randn(2, 5, 300, device=device, requires_grad=True)
+    t = torch.randint(300, (2, 5), device=device)
+    loss = kx.sparse_softmax_cross_entropy(x, t, 7, reduction="none")
+    assert loss.shape == (2, 5)
+    torch.testing.assert_close(loss, ref.sparse_softmax_cross_entropy(x, t, 7, reduction="none"))
+
+
+def _tie_aware_topk(x, k):
+    """Top-k with ties broken by the lower index (a stable descending sort)."""
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+    return order[..., :k]
+
+
+@pytest.mark.parametrize("device", devices())
+def test_ties_keep_lower_index(device):
+    x = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 2.0]], device=device)
+    p = kx.sparse_softmax(x, 2)
+    expected = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0, 0.0]], device=device)
+    torch.testing.assert_close(p, expected)
+    # target 3 ties with the kept values but is outside the top-2
+    loss = kx.sparse_softmax_cross_entropy(x, torch.tensor([3], device=device), 2, reduction="none")
+    torch.testing.assert_close(loss.cpu(), torch.tensor([torch.log(torch.tensor(2.0)).item()]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 6), v=st.integers(1, 300), data=st.data())
+def test_property_integer_logits_with_ties(n, v, data):
+    """Many ties (small integer logits): the kept set is the stable-sort top-k, probs sum to 1."""
+    k = data.draw(st.integers(1, v))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, (n, v), generator=g).double()
+    p = kx.sparse_softmax(x, k)
+    keep = _tie_aware_topk(x, k)
+    expected = torch.zeros_like(x).scatter(-1, keep, torch.softmax(x.gather(-1, keep), -1))
+    torch.testing.assert_close(p, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(p.sum(-1), torch.ones(n, dtype=torch.float64))
+    t = torch.randint(v, (n,), generator=g)
+    loss = kx.sparse_softmax_cross_entropy(x, t, k, reduction="none", include_target=True)
+    assert bool((loss >= -1e-12).all()), "with include_target the loss is never negative"
+
+
+@pytest.mark.parametrize("device", devices())
+def test_ignore_index_all_rows(device):
+    x = torch.randn(4, 50, device=device, requires_grad=True)
+    t = torch.full((4,), -100, device=device)
+    loss = kx.sparse_softmax_cross_entropy(x, t, 5)
+    assert float(loss) == 0.0
+    loss.backward()
+    assert bool((x.grad == 0).all())
+    t = torch.full((4,), 7, device=device)
+    t[0] = 3
+    loss = kx.sparse_softmax_cross_entropy(x, t, 5, ignore_index=7, reduction="none")
+    assert loss[1:].abs().sum() == 0 and loss[0] != 0
+
+
+@pytest.mark.parametrize("device", devices())
+def test_fully_masked_rows_are_finite_with_zero_grad(device):
+    x = torch.randn(3, 40, device=device)
+    x[1] = float("-inf")
+    x[2, 5:] = float("-inf")  # fewer finite logits than k: the -inf ones get probability 0
+    x.requires_grad_()
+    p = kx.sparse_softmax(x, 8)
+    assert bool(torch.isfinite(p).all())
+    assert float(p[1].abs().sum()) == 0.0
+    torch.testing.assert_close(p[2].sum(), torch.tensor(1.0, device=device))
+    loss = kx.sparse_softmax_cross_entropy(x, torch.tensor([0, 0, 0], device=device), 8, reduction="none")
+    assert bool(torch.isfinite(loss).all()) and float(loss[1]) == 0.0
+    loss.sum().backward()
+    assert bool(torch.isfinite(x.grad).all()) and float(x.grad[1].abs().sum()) == 0.0
+
+
+def test_gradcheck_float64():
+    x = torch.randn(4, 60, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([3, 10, -100, 59])
+    assert torch.autograd.gradcheck(lambda x: kx.sparse_softmax(x, 5), (x,))
+    for include_target in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda x: kx.sparse_softmax_cross_entropy(x, t, 5, reduction="none", include_target=include_target),
+            (x,))
+    assert torch.autograd.gradcheck(lambda x: kx.sparse_softmax_cross_entropy(x, t, 5), (x,))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(device):
+    ops = torch.ops.kxkernels
+    x = torch.randn(6, 130, device=device, requires_grad=True)
+    t = torch.tensor([0, 5, -100, 129, 64, 1], device=device)
+    torch.library.opcheck(ops.sparse_softmax_fwd, (x, 7))
+    torch.library.opcheck(ops.sparse_softmax_cross_entropy_fwd, (x, t, 7, -100, False))
+    torch.library.opcheck(ops.sparse_softmax_cross_entropy_fwd, (x, t, 7, -100, True))
+    probs, index = ops.sparse_softmax_fwd(x.detach(), 7)
+    torch.library.opcheck(ops.sparse_softmax_bwd, (torch.randn_like(probs), probs, index))
+    loss, lse, index = ops.sparse_softmax_cross_entropy_fwd(x.detach(), t, 7, -100, True)
+    torch.library.opcheck(ops.sparse_softmax_cross_entropy_bwd,
+                          (torch.rand_like(loss), x.detach(), t, lse, index, -100, True))
+
+
+def test_torch_compile_fullgraph():
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 500)
+
+        def forward(self, h, target):
+            logits = self.proj(h)
+            return kx.sparse_softmax_cross_entropy(logits, target, 10) + kx.sparse_softmax(logits, 3).sum() * 0
+
+    model = Head()
+    h, target = torch.randn(2, 8, 16), torch.randint(500, (2, 8))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(h, target)
+    loss.backward()
+    g_compiled = model.proj.weight.grad.clone()
+    model.zero_grad()
+    eager = model(h, target)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(g_compiled, model.proj.weight.grad)
+
+
+def test_torch_compile_inductor():
+    f = torch.compile(lambda x, t: kx.sparse_softmax_cross_entropy(x * 2, t, 4), fullgraph=True)
+    x, t = torch.randn(5, 40), torch.randint(40, (5,))
+    torch.testing.assert_close(f(x, t), ref.sparse_softmax_cross_entropy(x * 2, t, 4))
+
+
+# ---- bad input: clear errors naming the argument ---------------------------------------------
+@pytest.mark.parametrize("k", [0, -1, 101])
+def test_bad_k(k):
+    with pytest.raises(ValueError, match="k must be"):
+        kx.sparse_softmax(torch.randn(2, 100), k)
+    with pytest.raises(ValueError, match="k must be"):
+        kx.sparse_softmax_cross_entropy(torch.randn(2, 100), torch.zeros(2, dtype=torch.long), k)
+
+
+def test_bad_inputs():
+    x = torch.randn(4, 10)
+    t = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(TypeError, match="k must be an int"):
+        kx.sparse_softmax(x, 2.5)
+    with pytest.raises(TypeError, match="logits"):
+        kx.sparse_softmax(torch.ones(4, 10, dtype=torch.long), 2)
+    with pytest.raises(TypeError, match="target"):
+        kx.sparse_softmax_cross_entropy(x, t.float(), 2)
+    with pytest.raises(ValueError, match="target values"):
+        kx.sparse_softmax_cross_entropy(x, torch.tensor([0, 1, 10, 2]), 2)
+    with pytest.raises(ValueError, match="target values"):
+        kx.sparse_softmax_cross_entropy(x, torch.tensor([0, -5, 1, 2]), 2)
+    with pytest.raises(ValueError, match="target must have shape"):
+        kx.sparse_softmax_cross_entropy(x, torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="empty"):
+        kx.sparse_softmax_cross_entropy(torch.randn(4, 0), t, 1)
+    with pytest.raises(ValueError, match="empty"):
+        kx.sparse_softmax(torch.randn(4, 0), 1)
+    with pytest.raises(ValueError, match="reduction"):
+        kx.sparse_softmax_cross_entropy(x, t, 2, reduction="avg")
+    with pytest.raises(ValueError, match="logits must be"):
+        kx.sparse_softmax_cross_entropy(torch.randn(10), torch.tensor(1), 2)
+    # direct op calls are guarded in C++ too: an exception, never an out-of-bounds access
+    with pytest.raises(ValueError):
+        torch.ops.kxkernels.sparse_softmax_cross_entropy_fwd(x, torch.tensor([0, 1, 99, 2]), 2, -100, False)
+    with pytest.raises(ValueError):
+        torch.ops.kxkernels.sparse_softmax_fwd(x, 11)
+
+
+def test_nan_logits_propagate():
+    """A NaN in a row is the caller's NaN: that row's loss is NaN, other rows are unaffected."""
+    x = torch.randn(3, 100)
+    x[1, 50] = float("nan")
+    loss = kx.sparse_softmax_cross_entropy(x, torch.tensor([0, 0, 0]), 5, reduction="none")
+    assert torch.isnan(loss[1]) and bool(torch.isfinite(loss[[0, 2]]).all())
