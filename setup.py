@@ -43,12 +43,21 @@ def _max_jobs():
     os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(mem_gb // 2))))
 
 
+def _write_build_record(cuda_ok):
+    """kxkernels/_build.py records the torch the extension is built against, so a failed load of
+    the extension can say so (the extension itself cannot be asked then)."""
+    with open(os.path.join(ROOT, "kxkernels", "_build.py"), "w") as f:
+        f.write(f'# written by setup.py\nTORCH_VERSION = "{torch.__version__}"\n'
+                f'CUDA = {bool(cuda_ok)}\n')
+
+
 def extensions():
     _max_jobs()
     sources = [os.path.relpath(p, ROOT) for p in
                ["csrc/kxkernels.cpp"] + sorted(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))]
     cuda_ok, why_not = _cuda_build_possible()
     archs = _cuda_archs() if cuda_ok else []
+    _write_build_record(cuda_ok)
     define = [
         ("KX_TORCH_VERSION", f'"{torch.__version__}"'),
         ("KX_WITH_CUDA", "1" if cuda_ok else "0"),

@@ -4,17 +4,15 @@ import torch
 
 try:
     from kxkernels import _C  # noqa: F401  (registers TORCH_LIBRARY(kxkernels) on import)
-except ImportError as exc:  # pragma: no cover - exercised only on a broken install
-    built_for = "unknown"
+except ImportError as exc:  # pragma: no cover - exercised by tests/test_build.py in a subprocess
     try:
-        import importlib.metadata as md
-        built_for = md.version("kxkernels")
-    except Exception:
-        pass
+        from kxkernels._build import TORCH_VERSION as _built_for
+    except ImportError:
+        _built_for = "unknown (kxkernels/_build.py is missing: the package was never built)"
     raise ImportError(
-        f"kxkernels: cannot load the compiled extension kxkernels._C ({exc}). Installed torch is "
-        f"{torch.__version__} (CUDA {torch.version.cuda}); the extension must be built against it: "
-        f"reinstall with `pip install --no-build-isolation .` (package version {built_for})."
+        f"kxkernels: cannot load the compiled extension kxkernels._C ({exc}). It was built against "
+        f"torch {_built_for}; installed torch is {torch.__version__} (CUDA {torch.version.cuda}). "
+        f"Rebuild it against the installed torch: reinstall with `pip install --no-build-isolation -e .`."
     ) from exc
 
 
