@@ -43,35 +43,25 @@ _BIG_INDEX = tl.constexpr(2**62)  # index of an out-of-row or already-taken bloc
 # a scalar comparison that is then broadcast: the Triton 3.9 interpreter gives such a splatted
 # scalar i1 a float dtype and `vector_mask & flag` fails there (compiled code is the same either way).
 @triton.jit
-def _block_best(x, bidx):
-    """Largest value of the block and its lowest index (ties go to the lower index)."""
-    bv = tl.max(x, axis=0)
-    bi = tl.min(tl.where(x == bv, bidx, _BIG_INDEX), axis=0)
-    return bv, bi
-
-
-@triton.jit
-def _kept_worst(kv, ki, used):
-    """Smallest kept value and, among equal values, its highest index: the entry to evict."""
-    wv = tl.min(tl.where(used, kv, float("inf")), axis=0)
-    wi = tl.max(tl.where(used & (kv == wv), ki, -1), axis=0)
-    return wv, wi
-
-
-@triton.jit
 def _row_topk(x_row, out_row, n_cols, k, KP: tl.constexpr, BLOCK_V: tl.constexpr,
               ZERO_OUT: tl.constexpr):
     """Top-k of x_row[0:n_cols] as unsorted slots (kv, ki) plus a has-NaN flag.
 
     With ZERO_OUT, also writes zeros to out_row[0:n_cols] along the way (the caller must
     tl.debug_barrier() before scattering non-zeros into the same row).
+
+    (bv, bi): the block's best entry, largest value then lowest index. (wv, wi): the worst kept
+    entry, smallest value then highest index, the one to evict. Both are written out inline
+    rather than as @triton.jit helpers: the interpreter re-patches the language on every helper
+    call, which made the per-insert loop 10x slower there.
     """
     slot = tl.arange(0, KP)
     used = slot < k
     kv = tl.full([KP], float("-inf"), tl.float32)
     # placeholder indices sit above every real column: any real entry, even -inf, evicts them
     ki = (n_cols + slot).to(tl.int64)
-    wv, wi = _kept_worst(kv, ki, used)
+    wv = tl.min(tl.where(used, kv, float("inf")), axis=0)
+    wi = tl.max(tl.where(used & (kv == wv), ki, -1), axis=0)
     offs = tl.arange(0, BLOCK_V)
     nan_seen = tl.zeros([BLOCK_V], tl.int32)
     for start in range(0, n_cols, BLOCK_V):
@@ -87,7 +77,7 @@ def _row_topk(x_row, out_row, n_cols, k, KP: tl.constexpr, BLOCK_V: tl.constexpr
         bv = tl.max(x, axis=0)
         if bv >= wv:  # else prune: nothing in this block beats the k-th kept value
             bidx = tl.where(inb, cols.to(tl.int64), _BIG_INDEX)
-            bv, bi = _block_best(x, bidx)
+            bi = tl.min(tl.where(x == bv, bidx, _BIG_INDEX), axis=0)
             while (bv > wv) | ((bv == wv) & (bi < wi)):
                 evict = used & (ki == wi)
                 kv = tl.where(evict, bv, kv)
@@ -95,8 +85,10 @@ def _row_topk(x_row, out_row, n_cols, k, KP: tl.constexpr, BLOCK_V: tl.constexpr
                 taken = bidx == bi
                 x = tl.where(taken, float("-inf"), x)
                 bidx = tl.where(taken, _BIG_INDEX, bidx)
-                bv, bi = _block_best(x, bidx)
-                wv, wi = _kept_worst(kv, ki, used)
+                bv = tl.max(x, axis=0)
+                bi = tl.min(tl.where(x == bv, bidx, _BIG_INDEX), axis=0)
+                wv = tl.min(tl.where(used, kv, float("inf")), axis=0)
+                wi = tl.max(tl.where(used & (kv == wv), ki, -1), axis=0)
     has_nan = tl.max(nan_seen, axis=0) > 0
     return kv, ki, has_nan
 
