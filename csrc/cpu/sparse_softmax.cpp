@@ -4,6 +4,9 @@
 // vector compares and only touches the scalar insert path when a block holds a candidate.
 #include <ATen/Parallel.h>
 #include <cstring>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "common/checks.h"
 #include "common/math.h"
@@ -12,11 +15,8 @@
 namespace kx {
 namespace {
 
-constexpr int64_t kBlock = 64;         // logits tested per vector step of the scan
+constexpr int64_t kBlock = 64;  // logits tested per vector step of the scan (bits of a uint64_t mask)
 constexpr int64_t kGrainElems = 1 << 16;  // elements per parallel task, to amortize scheduling
-
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int i32x8 __attribute__((vector_size(32)));
 
 // Insert (x, j) into the sorted keeper; j exceeds every kept index, so equal values stay ahead.
 template <typename A>
@@ -32,25 +32,36 @@ inline void topk_insert(A* tv, int64_t* ti, int64_t& n, int64_t k, A x, int64_t 
   if (n < k) ++n;
 }
 
-// True when some value of the block is not <= thr (a candidate, or a NaN).
-inline bool block_has_candidate(const float* b, float thr) {
-  f32x8 t = {thr, thr, thr, thr, thr, thr, thr, thr};
-  i32x8 any = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t s = 0; s < kBlock; s += 8) {
-    f32x8 x;
-    std::memcpy(&x, b + s, sizeof(x));
-    any |= ~(x <= t);
+// Bit s set when b[s] is not <= thr (a candidate, or a NaN). A quick OR over the block first:
+// most blocks hold no candidate once the k-th value has risen. SSE is the x86-64 baseline, and
+// 4 lanes a compare keep the scan faster than memory bandwidth on one core.
+inline uint64_t block_candidates(const float* b, float thr) {
+#if defined(__SSE2__)
+  const __m128 t = _mm_set1_ps(thr);
+  __m128 any = _mm_setzero_ps();
+  for (int64_t s = 0; s < kBlock; s += 16) {
+    any = _mm_or_ps(any, _mm_cmpnle_ps(_mm_loadu_ps(b + s), t));
+    any = _mm_or_ps(any, _mm_cmpnle_ps(_mm_loadu_ps(b + s + 4), t));
+    any = _mm_or_ps(any, _mm_cmpnle_ps(_mm_loadu_ps(b + s + 8), t));
+    any = _mm_or_ps(any, _mm_cmpnle_ps(_mm_loadu_ps(b + s + 12), t));
   }
-  int r = 0;
-  for (int l = 0; l < 8; ++l) r |= any[l];
-  return r != 0;
+  if (_mm_movemask_ps(any) == 0) return 0;
+  uint64_t m = 0;
+  for (int64_t s = 0; s < kBlock; s += 4)
+    m |= uint64_t(_mm_movemask_ps(_mm_cmpnle_ps(_mm_loadu_ps(b + s), t))) << s;
+  return m;
+#else
+  uint64_t m = 0;
+  for (int64_t s = 0; s < kBlock; ++s) m |= uint64_t(!(b[s] <= thr)) << s;
+  return m;
+#endif
 }
 
 template <typename A>
-inline bool block_has_candidate(const A* b, A thr) {
-  bool r = false;
-  for (int64_t s = 0; s < kBlock; ++s) r |= !(b[s] <= thr);
-  return r;
+inline uint64_t block_candidates(const A* b, A thr) {
+  uint64_t m = 0;
+  for (int64_t s = 0; s < kBlock; ++s) m |= uint64_t(!(b[s] <= thr)) << s;
+  return m;
 }
 
 template <typename T, typename A>
@@ -74,10 +85,10 @@ bool row_topk(const T* x, int64_t V, int64_t k, A* tv, int64_t* ti) {
   A buf[kBlock];
   for (; j + kBlock <= V; j += kBlock) {
     const A* b = load_block(x + j, buf);
-    if (!block_has_candidate(b, tv[k - 1])) continue;
-    for (int64_t s = 0; s < kBlock; ++s) {
-      A v = b[s];
-      if (v > tv[k - 1]) topk_insert(tv, ti, n, k, v, j + s);
+    for (uint64_t m = block_candidates(b, tv[k - 1]); m != 0; m &= m - 1) {
+      const int64_t s = __builtin_ctzll(m);
+      const A v = b[s];
+      if (v > tv[k - 1]) topk_insert(tv, ti, n, k, v, j + s);  // the k-th value may have risen
       nan |= v != v;
     }
   }
@@ -118,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_softmax_fwd_cpu(const at::Tensor& logi
   check_logits(logits_in, k);
   const at::Tensor logits = rows_of(logits_in);
   const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
-  at::Tensor probs = new_output({N, V}, logits.options());
+  at::Tensor probs = new_zeroed_output({N, V}, logits.options());
   at::Tensor index = new_output({N, k}, logits.options().dtype(at::kLong));
   int64_t* ip = index.data_ptr<int64_t>();
   KX_DISPATCH_FLOATING(logits.scalar_type(), "sparse_softmax_fwd", [&] {
@@ -131,7 +142,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_softmax_fwd_cpu(const at::Tensor& logi
         int64_t* ti = ip + r * k;
         bool finite = row_topk<scalar_t>(xp + r * ld, V, k, tv.data(), ti);
         scalar_t* out = pp + r * V;
-        std::memset(static_cast<void*>(out), 0, sizeof(scalar_t) * V);
         A lse = finite ? topk_lse(tv.data(), k, false, A(0)) : std::numeric_limits<A>::quiet_NaN();
         if (lse == neg_inf<A>()) continue;  // fully masked row: zeros
         for (int64_t i = 0; i < k; ++i) out[ti[i]] = static_cast<scalar_t>(std::exp(tv[i] - lse));
@@ -150,7 +160,7 @@ at::Tensor sparse_softmax_bwd_cpu(const at::Tensor& grad, const at::Tensor& prob
   const int64_t N = probs.size(0), V = probs.size(1), k = index.size(1);
   const at::Tensor idx = index.contiguous();
   const at::Tensor g = grad.to(probs.scalar_type());
-  at::Tensor out = new_output({N, V}, probs.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = new_zeroed_output({N, V}, probs.options());
   const int64_t* ip = idx.data_ptr<int64_t>();
   KX_DISPATCH_FLOATING(probs.scalar_type(), "sparse_softmax_bwd", [&] {
     using A = acc_t<scalar_t>;
@@ -162,7 +172,6 @@ at::Tensor sparse_softmax_bwd_cpu(const at::Tensor& grad, const at::Tensor& prob
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t* ti = ip + r * k;
         scalar_t* o = op + r * V;
-        std::memset(static_cast<void*>(o), 0, sizeof(scalar_t) * V);
         A dot = 0;
         for (int64_t i = 0; i < k; ++i)
           dot += A(pp[r * ps0 + ti[i] * ps1]) * A(gp[r * gs0 + ti[i] * gs1]);
@@ -247,7 +256,7 @@ at::Tensor sparse_softmax_cross_entropy_bwd_cpu(const at::Tensor& grad_loss, con
   const at::Tensor target = target_in.to(at::kLong).contiguous();
   const at::Tensor index = index_in.contiguous();
   const int64_t ld = logits.stride(0);
-  at::Tensor grad = new_output({N, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = new_zeroed_output({N, V}, logits.options());
   const int64_t* tp = target.data_ptr<int64_t>();
   const int64_t* ip = index.data_ptr<int64_t>();
   KX_DISPATCH_FLOATING(logits.scalar_type(), "sparse_softmax_cross_entropy_bwd", [&] {
@@ -262,7 +271,6 @@ at::Tensor sparse_softmax_cross_entropy_bwd_cpu(const at::Tensor& grad_loss, con
     at::parallel_for(0, N, grain_rows(V), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* o = op + r * V;
-        std::memset(static_cast<void*>(o), 0, sizeof(scalar_t) * V);
         const int64_t t = tp[r];
         const A s = sp[r];
         if (t == ignore_index || s == neg_inf<A>()) continue;

@@ -256,3 +256,20 @@ def test_nan_logits_propagate():
     x[1, 50] = float("nan")
     loss = kx.sparse_softmax_cross_entropy(x, torch.tensor([0, 0, 0]), 5, reduction="none")
     assert torch.isnan(loss[1]) and bool(torch.isfinite(loss[[0, 2]]).all())
+
+
+def test_pooled_outputs_come_back_zeroed():
+    """Big outputs come from a pool of resident mappings (csrc/common/output.h): a gradient the
+    user dirtied in place and freed must be handed out again as zeros."""
+    x = torch.randn(2048, 1000, requires_grad=True)  # 8 MB: above the pool's 4 MiB floor
+    t = torch.randint(1000, (2048,))
+    kx.sparse_softmax_cross_entropy(x, t, 5).backward()
+    first = x.grad.clone()
+    x.grad.fill_(7.0)
+    x.grad = None
+    kx.sparse_softmax_cross_entropy(x, t, 5).backward()
+    assert torch.equal(first, x.grad)
+    p = kx.sparse_softmax(x.detach(), 5)
+    p.fill_(3.0)
+    del p
+    assert int((kx.sparse_softmax(x.detach(), 5) != 0).sum()) == 2048 * 5
