@@ -131,7 +131,8 @@ def memory_method(device: str) -> str:
         return "not measured: no /proc (not Linux)"
     if _reset_hwm():
         return ("peak RSS increase of one call: malloc_trim(0), VmHWM reset via /proc/self/clear_refs, "
-                "VmHWM after minus VmRSS before")
+                "VmHWM after minus VmRSS before; pages a cache or output pool keeps resident between "
+                "calls, and never-touched zero pages, are not counted")
     return (f"peak RSS increase of one call sampled every {RSS_SAMPLE_SECONDS * 1e3:.0f} ms by a thread "
             "(/proc/self/clear_refs not writable here): a lower bound, short peaks can be missed")
 
