@@ -39,7 +39,7 @@ _BIG_INDEX = tl.constexpr(2**62)  # index of an out-of-row or already-taken bloc
 
 
 # ---- shared device helpers ----------------------------------------------------------------------
-# _as_vector: a per-row flag that meets a [KP] vector is computed on the broadcast vector, never as
+# Note _as_vector: a per-row flag that meets a [KP] vector is computed on the broadcast vector, never as
 # a scalar comparison that is then broadcast: the Triton 3.9 interpreter gives such a splatted
 # scalar i1 a float dtype and `vector_mask & flag` fails there (compiled code is the same either way).
 @triton.jit
@@ -225,15 +225,15 @@ def _pick_config(vocab: int, k: int) -> dict:
     return {"BLOCK_V": block, "num_warps": warps}
 
 
-def _launch_args(vocab: int, k: int, config: dict | None) -> tuple[dict, int]:
+def _launch_args(vocab: int, k: int, config: dict | None) -> dict:
+    """The constexprs and launch options of one call: KP, BLOCK_V, num_warps."""
     if k > MAX_K:
         raise ValueError(f"kxkernels (Triton sparse softmax): k={k} is above the maximum "
                          f"MAX_K={MAX_K} of the Triton kernels")
     if k < 1:
         raise ValueError(f"kxkernels (Triton sparse softmax): k must be >= 1, got {k}")
     cfg = dict(config) if config is not None else _pick_config(vocab, k)
-    num_warps = cfg.pop("num_warps")
-    return {"KP": triton.next_power_of_2(k), "num_warps": num_warps, **cfg}, num_warps
+    return {"KP": triton.next_power_of_2(k), **cfg}
 
 
 def _check_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -268,7 +268,7 @@ def sparse_softmax_forward(logits: torch.Tensor, k: int, *, out=None, config: di
     """
     x = _check_logits(logits)
     n, vocab = x.shape
-    meta, _ = _launch_args(vocab, k, config)
+    meta = _launch_args(vocab, k, config)
     if out is None:
         probs = torch.empty((n, vocab), dtype=x.dtype, device=x.device)
         index = torch.empty((n, k), dtype=torch.int64, device=x.device)
@@ -301,7 +301,7 @@ def sparse_softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor, topk_
         raise ValueError("topk_index rows must match probs")
     n, vocab = probs.shape
     k = topk_index.shape[1]
-    meta, _ = _launch_args(vocab, k, config)
+    meta = _launch_args(vocab, k, config)
     if out is None:
         out = torch.empty((n, vocab), dtype=probs.dtype, device=probs.device)
     else:
@@ -339,7 +339,7 @@ def sparse_softmax_cross_entropy_forward(logits: torch.Tensor, target: torch.Ten
     x = _check_logits(logits)
     n, vocab = x.shape
     _check_target(target, n)
-    meta, _ = _launch_args(vocab, k, config)
+    meta = _launch_args(vocab, k, config)
     if out is None:
         loss = torch.empty((n,), dtype=torch.float32, device=x.device)
         lse = torch.empty((n,), dtype=torch.float32, device=x.device)
@@ -382,7 +382,7 @@ def sparse_softmax_cross_entropy_backward(grad_loss: torch.Tensor, logits: torch
     if topk_index.dim() != 2 or topk_index.shape[0] != n:
         raise ValueError(f"topk_index must be ({n}, k), got {tuple(topk_index.shape)}")
     k = topk_index.shape[1]
-    meta, _ = _launch_args(vocab, k, config)
+    meta = _launch_args(vocab, k, config)
     if out is None:
         out = torch.empty((n, vocab), dtype=x.dtype, device=x.device)
     else:
