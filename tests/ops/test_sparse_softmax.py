@@ -91,12 +91,6 @@ def test_cross_entropy_3d(device):
     torch.testing.assert_close(loss, ref.sparse_softmax_cross_entropy(x, t, 7, reduction="none"))
 
 
-def _tie_aware_topk(x, k):
-    """Top-k with ties broken by the lower index (a stable descending sort)."""
-    order = torch.sort(x, dim=-1, descending=True, stable=True).indices
-    return order[..., :k]
-
-
 @pytest.mark.parametrize("device", devices())
 def test_ties_keep_lower_index(device):
     x = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 2.0]], device=device)
@@ -117,9 +111,7 @@ def test_property_integer_logits_with_ties(n, v, data):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-3, 4, (n, v), generator=g).double()
     p = kx.sparse_softmax(x, k)
-    keep = _tie_aware_topk(x, k)
-    expected = torch.zeros_like(x).scatter(-1, keep, torch.softmax(x.gather(-1, keep), -1))
-    torch.testing.assert_close(p, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(p, ref.sparse_softmax(x, k, stable_ties=True), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(p.sum(-1), torch.ones(n, dtype=torch.float64))
     t = torch.randint(v, (n,), generator=g)
     loss = kx.sparse_softmax_cross_entropy(x, t, k, reduction="none", include_target=True)
@@ -273,3 +265,26 @@ def test_pooled_outputs_come_back_zeroed():
     p.fill_(3.0)
     del p
     assert int((kx.sparse_softmax(x.detach(), 5) != 0).sum()) == 2048 * 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("include_target", [False, True])
+def test_real_minilm_logits(dtype, include_target):
+    """Real logits: all-MiniLM-L6-v2 hidden states of STS sentences times its 30,522-word
+    embedding matrix (peaked, heavy-tailed rows), next-token targets."""
+    real_data = pytest.importorskip("benchmarks.real_data")
+    try:
+        logits, target = real_data.minilm_logits(1024, target="next")
+    except real_data.RealDataUnavailable as e:
+        pytest.skip(f"real data unavailable: {e}")
+    x = logits.to(dtype).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    loss = kx.sparse_softmax_cross_entropy(x, target, 10, include_target=include_target, reduction="none")
+    # rounded to bf16, real rows tie at the k-th value: compare with the lower-index tie rule
+    loss64 = ref.sparse_softmax_cross_entropy(x64, target, 10, include_target=include_target, reduction="none",
+                                              stable_ties=True)
+    _close(loss, loss64, dtype, "loss")
+    (gx,) = torch.autograd.grad(loss.sum(), x)
+    (gx64,) = torch.autograd.grad(loss64.sum(), x64)
+    _close(gx, gx64, dtype, "grad")
+    _close(kx.sparse_softmax(x.detach(), 10), ref.sparse_softmax(x64.detach(), 10, stable_ties=True), dtype, "probs")
