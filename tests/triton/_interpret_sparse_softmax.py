@@ -371,3 +371,10 @@ def test_cross_entropy_nan_row():
     assert loss[2].isnan() and lse[2].isnan() and cpu[0][2].isnan()
     close(loss[:2], cpu[0][:2], TOL_F32_OUT, "loss of the other rows")
     assert torch.equal(index[:2], cpu[2][:2])
+
+
+def test_cross_entropy_target_out_of_range_raises():
+    x = torch.randn(3, 50)
+    for bad in (50, -1):
+        with pytest.raises(ValueError, match="target values"):
+            tk.sparse_softmax_cross_entropy_forward(x, torch.tensor([0, bad, 1]), 3, -100, False)

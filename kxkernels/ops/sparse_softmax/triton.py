@@ -314,11 +314,19 @@ def sparse_softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor, topk_
     return out
 
 
-def _check_target(target: torch.Tensor, n: int) -> None:
+def _check_target(target: torch.Tensor, n: int, vocab: int, ignore_index: int, check_range=True) -> None:
+    """Shape, dtype and range (one reduction and a sync: the kernels index logits by target;
+    the backward skips the range, checked by its forward)."""
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"target must be int64 or int32, got {target.dtype}")
     if target.dim() != 1 or target.shape[0] != n:
         raise ValueError(f"target must have shape ({n},), got {tuple(target.shape)}")
+    if not check_range:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if n > 0 and bool(bad.any()):
+        raise ValueError(f"target values must be in [0, {vocab}) or ignore_index={ignore_index}; "
+                         f"found {int(target[bad][0])}")
 
 
 def sparse_softmax_cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, k: int,
@@ -328,7 +336,7 @@ def sparse_softmax_cross_entropy_forward(logits: torch.Tensor, target: torch.Ten
 
     Args:
         logits (torch.Tensor): `[N, V]`, float32/float16/bfloat16.
-        target (torch.Tensor): `[N]` int64/int32 in ``[0, V)`` or ``ignore_index`` (not checked here).
+        target (torch.Tensor): `[N]` int64/int32 in ``[0, V)`` or ``ignore_index`` (ValueError otherwise).
         k (int): top-k size. ignore_index (int): rows skipped. include_target (bool): add the target.
         out (tuple, optional): preallocated ``(loss, lse, topk_index)``.
 
@@ -338,7 +346,7 @@ def sparse_softmax_cross_entropy_forward(logits: torch.Tensor, target: torch.Ten
     """
     x = _check_logits(logits)
     n, vocab = x.shape
-    _check_target(target, n)
+    _check_target(target, n, vocab, ignore_index)
     meta = _launch_args(vocab, k, config)
     if out is None:
         loss = torch.empty((n,), dtype=torch.float32, device=x.device)
@@ -375,7 +383,7 @@ def sparse_softmax_cross_entropy_backward(grad_loss: torch.Tensor, logits: torch
     """
     x = _check_logits(logits)
     n, vocab = x.shape
-    _check_target(target, n)
+    _check_target(target, n, vocab, ignore_index, check_range=False)
     if grad_loss.dim() != 1 or grad_loss.shape[0] != n or lse.dim() != 1 or lse.shape[0] != n:
         raise ValueError(f"grad_loss and lse must have shape ({n},), got "
                          f"{tuple(grad_loss.shape)} and {tuple(lse.shape)}")
