@@ -5,6 +5,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "common/output.h"
+
 #ifndef KX_TORCH_VERSION
 #define KX_TORCH_VERSION "unknown"
 #endif
@@ -55,4 +57,6 @@ static pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kxkernels compiled kernels: ops live in torch.ops.kxkernels";
   m.def("build_info", &build_info, "How this extension was built");
+  m.def("cached_bytes", &kx::zeroed_pool_held_bytes, "Bytes the output pool keeps for reuse");
+  m.def("empty_cache", &kx::zeroed_pool_release, "Unmap every mapping the output pool keeps");
 }

@@ -78,6 +78,21 @@ class ZeroedPool {
     return p == MAP_FAILED ? nullptr : p;
   }
 
+  size_t held_bytes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return held_;
+  }
+
+  void release_all() {
+    std::vector<std::pair<void*, size_t>> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      drop.swap(free_);
+      held_ = 0;
+    }
+    for (auto& m : drop) munmap(m.first, m.second);
+  }
+
   void give_back(void* p, size_t nbytes) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -100,6 +115,21 @@ class ZeroedPool {
   size_t held_ = 0, max_bytes_ = 0;
 };
 #endif
+
+// What the pool keeps now, and a way to hand it all back to the OS (kxkernels.memory).
+inline size_t zeroed_pool_held_bytes() {
+#if defined(__unix__)
+  return ZeroedPool::get().held_bytes();
+#else
+  return 0;
+#endif
+}
+
+inline void zeroed_pool_release() {
+#if defined(__unix__)
+  ZeroedPool::get().release_all();
+#endif
+}
 
 inline at::Tensor new_zeroed_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();

@@ -288,3 +288,16 @@ def test_real_minilm_logits(dtype, include_target):
     (gx64,) = torch.autograd.grad(loss64.sum(), x64)
     _close(gx, gx64, dtype, "grad")
     _close(kx.sparse_softmax(x.detach(), 10), ref.sparse_softmax(x64.detach(), 10, stable_ties=True), dtype, "probs")
+
+
+def test_pool_is_visible_and_can_be_emptied():
+    import kxkernels.memory as memory
+
+    memory.empty_cache()
+    x = torch.randn(2048, 1000, requires_grad=True)
+    kx.sparse_softmax_cross_entropy(x, torch.zeros(2048, dtype=torch.long), 3).backward()
+    assert memory.cached_bytes() == 0  # the gradient is alive in x.grad
+    x.grad = None
+    assert memory.cached_bytes() == 2048 * 1000 * 4
+    memory.empty_cache()
+    assert memory.cached_bytes() == 0
