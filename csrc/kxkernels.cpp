@@ -34,7 +34,20 @@ TORCH_LIBRARY(kxkernels, m) {
   m.def("sparse_softmax_cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, "
         "Tensor topk_index, int ignore_index, bool include_target) -> Tensor");
   // ---- batched Sinkhorn / WRD ---------------------------------------------------------------
-  // (schemas added with the op)
+  // cost (B, M, N), a (B, M), b (B, N): zero mass = padding. Returns value <T, C> (B,),
+  // dual <f, a> + <g, b> (B,), potentials f (B, M), g (B, N) (float32, float64 for float64 input),
+  // n_iter (B,) int64, err (B,) L1 row-marginal error, plan (B, M, N) in cost dtype or (0,).
+  m.def("sinkhorn_fwd(Tensor cost, Tensor a, Tensor b, float eps, int max_iter, float tol, "
+        "bool return_plan, bool newton) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Envelope gradient of grad * value: (grad_cost, grad_a, grad_b), plan recomputed from f, g.
+  m.def("sinkhorn_bwd(Tensor grad, Tensor cost, Tensor a, Tensor b, Tensor f, Tensor g, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Word Rotator's Distance: x (B, M, D), y (B, N, D), masks bool (True = token); masses
+  // ||x_i|| / sum ||x||, cost 1 - cos computed in the kernel. Returns (value, dual, f, g, n_iter, err).
+  m.def("wrd_fwd(Tensor x, Tensor y, Tensor? x_mask, Tensor? y_mask, float eps, int max_iter, "
+        "float tol, bool newton) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("wrd_bwd(Tensor grad, Tensor x, Tensor y, Tensor? x_mask, Tensor? y_mask, Tensor f, "
+        "Tensor g, float eps) -> (Tensor, Tensor)");
 }
 
 static pybind11::dict build_info() {

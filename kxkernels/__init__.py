@@ -1,6 +1,7 @@
 """kxkernels: fused kernels for RoFormer-line NLP building blocks. The public API is ../shared/API.md."""
 from kxkernels._extension import build_info
+from kxkernels.ops.sinkhorn import SinkhornResult, sinkhorn, wrd
 from kxkernels.ops.sparse_softmax import sparse_softmax, sparse_softmax_cross_entropy
 
-__all__ = ["build_info", "sparse_softmax", "sparse_softmax_cross_entropy"]
+__all__ = ["build_info", "sparse_softmax", "sparse_softmax_cross_entropy", "sinkhorn", "wrd", "SinkhornResult"]
 __version__ = "0.1.0"
