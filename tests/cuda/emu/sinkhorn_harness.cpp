@@ -1,0 +1,180 @@
+// Runs the kernels of csrc/cuda/sinkhorn_kernel.cuh under the host emulator (cuda_emu.h), with the
+// launch policy of csrc/cuda/sinkhorn.cu, on tensors exchanged as files:
+//
+//   sinkhorn_harness OP DTYPE DIR
+//
+// OP: sinkhorn_fwd | sinkhorn_bwd | wrd_fwd | wrd_bwd, or plan (prints the launch plan of an
+// M x N problem: threads, floats per matrix, shared memory bytes); DTYPE: float32 | float16 | bfloat16.
+// DIR/meta.txt holds "key value" lines (sizes, settings, element strides of each input, and
+// optionally `threads` to override the block size, `seed` for the thread order, `smem_limit`);
+// DIR/<name>.bin the raw storage of each input. Outputs go to DIR/out_<name>.bin, poisoned (all
+// bits set: NaN, -1) before the launch so an element the kernel does not write shows.
+#include "cuda_emu.h"
+#include "sinkhorn_kernel.cuh"
+
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+namespace sk = kx::sinkhorn_cuda;
+
+namespace {
+
+std::string g_dir;
+std::map<std::string, double> g_meta;
+
+double meta(const std::string& k, double dflt = NAN) {
+  auto it = g_meta.find(k);
+  if (it != g_meta.end()) return it->second;
+  if (std::isnan(dflt)) {
+    std::fprintf(stderr, "meta.txt lacks %s\n", k.c_str());
+    std::exit(2);
+  }
+  return dflt;
+}
+int64_t imeta(const std::string& k, double dflt = NAN) { return int64_t(meta(k, dflt)); }
+
+template <typename T>
+std::vector<T> load(const std::string& name) {
+  std::ifstream f(g_dir + "/" + name + ".bin", std::ios::binary);
+  if (!f) {
+    std::fprintf(stderr, "missing %s.bin\n", name.c_str());
+    std::exit(2);
+  }
+  std::vector<char> raw((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  std::vector<T> v(raw.size() / sizeof(T));
+  std::memcpy(v.data(), raw.data(), v.size() * sizeof(T));
+  return v;
+}
+
+template <typename T>
+std::vector<T> poisoned(int64_t n) {
+  std::vector<T> v(size_t(std::max<int64_t>(n, 1)));
+  std::memset(v.data(), 0xff, v.size() * sizeof(T));
+  return v;
+}
+
+template <typename T>
+void save(const std::string& name, const std::vector<T>& v, int64_t n) {
+  std::ofstream f(g_dir + "/out_" + name + ".bin", std::ios::binary);
+  f.write(reinterpret_cast<const char*>(v.data()), std::streamsize(n * int64_t(sizeof(T))));
+}
+
+template <typename T>
+sk::Tokens<T> tokens(const char* side, const std::vector<T>& x, const std::vector<uint8_t>& mask, int64_t L) {
+  const std::string s = side;
+  sk::Tokens<T> t{x.data(), nullptr, L, imeta("D"), imeta(s + "s0"), imeta(s + "s1"), imeta(s + "s2"), 0, 0};
+  if (imeta(s + "_mask", 0)) {
+    t.mask = reinterpret_cast<const bool*>(mask.data());
+    t.ms0 = imeta(s + "ms0");
+    t.ms1 = imeta(s + "ms1");
+  }
+  return t;
+}
+
+int report(const std::string& err) {
+  if (!err.empty()) {
+    std::fprintf(stderr, "emulated launch failed: %s\n", err.c_str());
+    return 1;
+  }
+  return 0;
+}
+
+template <typename T>
+int run(const std::string& op) {
+  const int64_t B = imeta("B"), M = imeta("M"), N = imeta("N");
+  const size_t limit = size_t(imeta("smem_limit", 232448));  // sm_90 opt-in
+  const uint32_t seed = uint32_t(imeta("seed", 1));
+  if (op == "plan") {  // the glue's launch policy: "threads mat smem"
+    const sk::LaunchPlan lp = sk::plan_launch(M, N, imeta("tokens", 0) != 0, limit);
+    std::printf("%d %lld %zu\n", lp.threads, static_cast<long long>(lp.mat), lp.smem);
+    return 0;
+  }
+  if (op == "sinkhorn_fwd") {
+    const auto cost = load<T>("cost"), a = load<T>("a"), b = load<T>("b");
+    sk::LaunchPlan lp = sk::plan_launch(M, N, false, limit);
+    if (lp.smem > limit) return std::fprintf(stderr, "too large\n"), 3;
+    const int threads = int(imeta("threads", lp.threads));
+    auto value = poisoned<float>(B), dual = poisoned<float>(B), err = poisoned<float>(B);
+    auto f = poisoned<float>(B * M), g = poisoned<float>(B * N);
+    auto n_iter = poisoned<int64_t>(B);
+    const bool want_plan = imeta("return_plan", 0) != 0;
+    auto plan = poisoned<T>(want_plan ? B * M * N : 0);
+    sk::SinkhornFwdArgs<T> P{cost.data(), a.data(), b.data(), M, N, imeta("cs0"), imeta("cs1"), imeta("cs2"),
+                             imeta("as0"), imeta("as1"), imeta("bs0"), imeta("bs1"), meta("eps"), meta("tol"),
+                             imeta("max_iter"), lp.mat, value.data(), dual.data(), f.data(), g.data(),
+                             err.data(), n_iter.data(), want_plan ? plan.data() : nullptr};
+    const int rc = report(emu::launch(B, threads, lp.smem, seed, sk::sinkhorn_fwd_kernel<T>, P));
+    save("value", value, B); save("dual", dual, B); save("err", err, B);
+    save("f", f, B * M); save("g", g, B * N); save("n_iter", n_iter, B);
+    if (want_plan) save("plan", plan, B * M * N);
+    return rc;
+  }
+  if (op == "sinkhorn_bwd") {
+    const auto cost = load<T>("cost"), a = load<T>("a"), b = load<T>("b");
+    const auto grad = load<float>("grad"), f = load<float>("f"), g = load<float>("g");
+    const size_t smem = sk::bwd_smem(M, N, nullptr, nullptr, nullptr, nullptr, nullptr, 0);
+    const int threads = int(imeta("threads", sk::kBwdThreads));
+    auto gc = poisoned<T>(B * M * N), ga = poisoned<T>(B * M), gb = poisoned<T>(B * N);
+    sk::SinkhornBwdArgs<T> P{grad.data(), f.data(), g.data(), cost.data(), a.data(), b.data(), M, N,
+                             imeta("cs0"), imeta("cs1"), imeta("cs2"), imeta("as0"), imeta("as1"),
+                             imeta("bs0"), imeta("bs1"), meta("eps"), gc.data(), ga.data(), gb.data()};
+    const int rc = report(emu::launch(B, threads, smem, seed, sk::sinkhorn_bwd_kernel<T>, P));
+    save("grad_cost", gc, B * M * N); save("grad_a", ga, B * M); save("grad_b", gb, B * N);
+    return rc;
+  }
+  const auto x = load<T>("x"), y = load<T>("y");
+  const auto xm = imeta("x_mask", 0) ? load<uint8_t>("x_mask") : std::vector<uint8_t>();
+  const auto ym = imeta("y_mask", 0) ? load<uint8_t>("y_mask") : std::vector<uint8_t>();
+  const sk::Tokens<T> X = tokens("x", x, xm, M), Y = tokens("y", y, ym, N);
+  sk::LaunchPlan lp = sk::plan_launch(M, N, true, limit);
+  if (lp.smem > limit) return std::fprintf(stderr, "too large\n"), 3;
+  const int threads = int(imeta("threads", lp.threads));
+  if (threads != lp.threads) {  // the staging room depends on the block size
+    lp.mat = std::max<int64_t>(lp.mat, sk::stage_floats(threads));
+    lp.smem = sk::carve(0, M, N, lp.mat, nullptr);
+  }
+  if (op == "wrd_fwd") {
+    auto value = poisoned<float>(B), dual = poisoned<float>(B), err = poisoned<float>(B);
+    auto f = poisoned<float>(B * M), g = poisoned<float>(B * N);
+    auto n_iter = poisoned<int64_t>(B);
+    sk::WrdFwdArgs<T> P{X, Y, meta("eps"), meta("tol"), imeta("max_iter"), lp.mat, value.data(), dual.data(),
+                        f.data(), g.data(), err.data(), n_iter.data()};
+    const int rc = report(emu::launch(B, threads, lp.smem, seed, sk::wrd_fwd_kernel<T>, P));
+    save("value", value, B); save("dual", dual, B); save("err", err, B);
+    save("f", f, B * M); save("g", g, B * N); save("n_iter", n_iter, B);
+    return rc;
+  }
+  if (op == "wrd_bwd") {
+    const int64_t D = imeta("D");
+    const auto grad = load<float>("grad"), f = load<float>("f"), g = load<float>("g");
+    auto gx = poisoned<T>(B * M * D), gy = poisoned<T>(B * N * D);
+    sk::WrdBwdArgs<T> P{X, Y, grad.data(), f.data(), g.data(), meta("eps"), lp.mat, gx.data(), gy.data()};
+    const int rc = report(emu::launch(B, threads, lp.smem, seed, sk::wrd_bwd_kernel<T>, P));
+    save("grad_x", gx, B * M * D); save("grad_y", gy, B * N * D);
+    return rc;
+  }
+  std::fprintf(stderr, "unknown op %s\n", op.c_str());
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 4) {
+    std::fprintf(stderr, "usage: %s OP DTYPE DIR\n", argv[0]);
+    return 2;
+  }
+  const std::string op = argv[1], dtype = argv[2];
+  g_dir = argv[3];
+  std::ifstream mf(g_dir + "/meta.txt");
+  std::string k;
+  double v;
+  while (mf >> k >> v) g_meta[k] = v;
+  if (dtype == "float32") return run<float>(op);
+  if (dtype == "float16") return run<__half>(op);
+  if (dtype == "bfloat16") return run<__nv_bfloat16>(op);
+  std::fprintf(stderr, "unknown dtype %s\n", dtype.c_str());
+  return 2;
+}

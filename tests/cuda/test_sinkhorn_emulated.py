@@ -1,0 +1,377 @@
+"""The CUDA Sinkhorn/WRD kernels (csrc/cuda/sinkhorn_kernel.cuh), run on the host under the CUDA
+emulator of tests/cuda/emu (one coroutine per CUDA thread; barriers, warp shuffles/ballots, dynamic
+shared memory with a guard page), against the float64 reference (kxkernels/ops/sinkhorn/reference.py)
+and the CPU ops. This checks the kernels' logic -- schedule, padding, compaction, reductions,
+barriers, outputs -- without a GPU; the numerics of __expf/__logf are host expf/logf here, so the
+float tolerances are those of float32 math, and tests/gpu/test_sinkhorn_cuda.py checks the device.
+"""
+import os
+
+import pytest
+import torch
+
+from kxkernels.ops.sinkhorn import reference as R
+
+from . import _emu
+
+pytestmark = pytest.mark.skipif(_emu.compiler() is None, reason="no C++ compiler (g++/c++) on PATH")
+
+HAS_CPU_OPS = hasattr(torch.ops.kxkernels, "sinkhorn_fwd") and hasattr(torch.ops.kxkernels, "wrd_bwd")
+EPS, TOL, MAX_ITER = 0.05, 1e-6, 2000
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _emu.SinkhornEmu(_emu.build(str(tmp_path_factory.mktemp("emu"))))
+
+
+def with_threads(emu, threads, seed=1):
+    return _emu.SinkhornEmu(emu.exe, threads=threads, seed=seed)
+
+
+def ref_fwd(cost, a, b, eps=EPS, max_iter=MAX_ITER, tol=TOL):
+    return R.sinkhorn(cost.double(), a.double(), b.double(), eps=eps, max_iter=max_iter, tol=tol,
+                      return_plan=True)
+
+
+def close(actual, expected, atol, rtol, what, equal_nan=False):
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, equal_nan=equal_nan,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def padded_batch(shapes, M, N, scale=1.0, seed=0):
+    """Problems of (m, n) real rows/columns inside (M, N), padding by zero mass (trailing, and one
+    interior zero each where there is room)."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(shapes)
+    cost = scale * torch.rand(B, M, N, generator=g)
+    a = torch.rand(B, M, generator=g) + 0.05
+    b = torch.rand(B, N, generator=g) + 0.05
+    for p, (m, n) in enumerate(shapes):
+        a[p, m:] = 0
+        b[p, n:] = 0
+        if m > 3:
+            a[p, 1] = 0
+        if n > 3:
+            b[p, 2] = 0
+    return cost, a, b
+
+
+def check_fwd_against_reference(out, ref, n_iter_slack=3, what=""):
+    value, dual, f, g, n_iter, err, plan = out
+    rv, rd, rf, rg, rn, re, rp = ref
+    close(value, rv, 2e-6, 1e-4, what + "value")
+    close(dual, rd, 2e-6, 1e-4, what + "dual")
+    close(f, rf, 5e-5, 1e-4, what + "f")
+    close(g, rg, 5e-5, 1e-4, what + "g")
+    if plan.numel():
+        close(plan, rp, 1e-6, 1e-3, what + "plan")
+        assert bool(((plan != 0) == (rp != 0)).all()), what + "plan support"
+    assert int((n_iter - rn).abs().max()) <= n_iter_slack, f"{what}n_iter {n_iter} vs reference {rn}"
+    assert bool((err < TOL).all()), f"{what}err {err}"
+
+
+@pytest.mark.parametrize("threads,seed", [(None, 1), (64, 1), (128, 2), (256, 1), (256, 2)])
+def test_sinkhorn_fwd_padded_batch(emu, threads, seed):
+    """Variable lengths, interior zero masses, lanes per row G from 2 to 16; both thread schedules
+    of the emulator (odd / even seed)."""
+    shapes = [(9, 7), (3, 12), (12, 3), (1, 5), (6, 1), (2, 2), (12, 12), (5, 9)]
+    cost, a, b = padded_batch(shapes, 12, 12)
+    out = with_threads(emu, threads, seed).sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
+    check_fwd_against_reference(out, ref_fwd(cost, a, b))
+
+
+def test_sinkhorn_fwd_lane_layouts(emu):
+    """Block-wide passes over rows/columns (more rows than groups), G = 1 and G = 32 layouts, a
+    strided (transposed) cost, several row tiles."""
+    shapes = [(40, 33), (3, 60), (60, 3), (64, 64), (17, 64)]
+    base, a, b = padded_batch([(n, m) for m, n in shapes], 64, 64)
+    cost = base.transpose(1, 2)  # strides (M N, 1, N)
+    a, b = b, a
+    out = emu.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
+    check_fwd_against_reference(out, ref_fwd(cost, a, b))
+
+
+def test_sinkhorn_fwd_small_eps_large_range(emu):
+    """Many eps stages (spread 50, eps 0.01): rebuilds, offset absorption and the exact
+    (max-shifted) fallback of the stabilized sums."""
+    cost, a, b = padded_batch([(10, 8), (7, 11)], 12, 12, scale=50.0, seed=3)
+    out = emu.sinkhorn_fwd(cost, a, b, 0.01, 5000, TOL, True)
+    ref = ref_fwd(cost, a, b, eps=0.01, max_iter=5000)
+    value, dual, f, g, n_iter, err, plan = out
+    close(value, ref[0], 1e-4, 1e-5, "value")
+    close(dual, ref[1], 1e-4, 1e-5, "dual")
+    close(f, ref[2], 1e-3, 1e-5, "f")
+    close(plan, ref[6], 1e-5, 1e-3, "plan")
+    assert bool((err < TOL).all()), err
+    assert bool((n_iter < 5000).all())
+
+
+@pytest.mark.parametrize("offset", [200.0, -200.0])
+def test_sinkhorn_fwd_cost_offset(emu, offset):
+    """A cost far from 0 relative to its spread: the first sums of exp(-C / eps0) underflow
+    (overflow for a negative offset), so the exact max-shifted fallback runs; value moves by the
+    offset, the plan not at all."""
+    cost, a, b = padded_batch([(9, 7), (5, 12)], 12, 12, seed=9)
+    out = emu.sinkhorn_fwd(cost + offset, a, b, EPS, MAX_ITER, TOL, True)
+    ref = ref_fwd(cost + offset, a, b)
+    value, dual, f, g, n_iter, err, plan = out
+    close(value, ref[0], 1e-4, 1e-6, "value")
+    close(dual, ref[1], 1e-4, 1e-6, "dual")
+    close(f, ref[2], 2e-4, 1e-6, "f")
+    close(plan, ref[6], 1e-5, 2e-3, "plan")
+    assert bool((err < TOL).all()), err
+    close(plan, ref_fwd(cost, a, b)[6], 1e-5, 2e-3, "plan of the cost without offset")
+
+
+def test_sinkhorn_fwd_special_problems(emu):
+    """All padding, mass on one side only, a non-finite cost entry (NaN results), a non-finite
+    entry in a padding row (ignored): the CPU op's conventions."""
+    cost, a, b = padded_batch([(5, 4)] * 5, 6, 5)
+    a[0] = 0
+    b[0] = 0
+    b[1] = 0
+    cost[2, 0, 3] = float("inf")
+    cost[3, 5, 0] = float("nan")  # row 5 is padding (a[3, 5] = 0)
+    assert float(a[3, 5]) == 0
+    out = emu.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
+    value, dual, f, g, n_iter, err, plan = out
+    for p, e in ((0, 0.0), (1, 1.0)):
+        assert float(value[p]) == 0 and float(dual[p]) == 0 and int(n_iter[p]) == 0 and float(err[p]) == e
+    assert bool(value[2].isnan()) and bool(dual[2].isnan()) and bool(err[2].isnan()) and int(n_iter[2]) == 0
+    for p in (0, 1, 2):
+        assert bool((f[p] == 0).all()) and bool((g[p] == 0).all()) and bool((plan[p] == 0).all())
+    ref = ref_fwd(cost[3:], a[3:], b[3:])
+    check_fwd_against_reference(tuple(t[3:] for t in out), ref)
+    if HAS_CPU_OPS:
+        cpu = torch.ops.kxkernels.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True, False)
+        for name, x, y in zip("value dual f g n_iter err plan".split(), out, cpu):
+            if name == "n_iter":
+                assert int((x - y).abs().max()) <= 3, (x, y)
+            else:
+                close(x, y, 5e-5, 1e-4, f"{name} vs CPU op", equal_nan=True)
+
+
+def test_sinkhorn_fwd_max_iter(emu):
+    """max_iter reached (at the final eps, and before it): last plain column update, err of the
+    plan returned; matches the CPU op without Newton steps."""
+    cost, a, b = padded_batch([(8, 6), (5, 7)], 8, 7, scale=5.0, seed=4)
+    for max_iter in (1, 3, 12):
+        out = emu.sinkhorn_fwd(cost, a, b, 0.02, max_iter, TOL, True)
+        assert bool((out[4] == max_iter).all()), out[4]
+        ref = ref_fwd(cost, a, b, eps=0.02, max_iter=max_iter)
+        close(out[6], ref[6], 1e-5, 1e-3, f"plan at max_iter={max_iter}")
+        close(out[5], ref[5], 1e-5, 1e-3, f"err at max_iter={max_iter}")
+        close(out[0], ref[0], 1e-5, 1e-4, f"value at max_iter={max_iter}")
+        if HAS_CPU_OPS:
+            cpu = torch.ops.kxkernels.sinkhorn_fwd(cost, a, b, 0.02, max_iter, TOL, True, False)
+            assert torch.equal(cpu[4], out[4])
+            close(out[5], cpu[5], 1e-5, 1e-3, "err vs CPU op")
+            close(out[6], cpu[6], 1e-5, 1e-3, "plan vs CPU op")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sinkhorn_fwd_half_inputs(emu, dtype):
+    cost, a, b = padded_batch([(7, 5), (4, 8)], 8, 8, seed=5)
+    cost, a, b = cost.to(dtype), a.to(dtype), b.to(dtype)
+    out = emu.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
+    assert out[6].dtype == dtype and out[0].dtype == torch.float32
+    ref = ref_fwd(cost, a, b)  # float64 math on the rounded inputs
+    value, dual, f, g, n_iter, err, plan = out
+    close(value, ref[0], 2e-6, 1e-4, "value")
+    close(f, ref[2], 5e-5, 1e-4, "f")
+    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    close(plan, ref[6], 1e-6, tol, "plan (rounded to the input dtype)")
+
+
+def test_thread_order_and_block_size_do_not_change_results(emu):
+    """Reductions run in a fixed order, so any thread schedule gives bitwise the same result; a
+    missing barrier would not (the emulator resumes threads in a seeded random order)."""
+    cost, a, b = padded_batch([(9, 7), (12, 12), (3, 10)], 12, 12, seed=6)
+    outs = [with_threads(emu, 128, seed).sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True) for seed in (1, 2, 3)]
+    for o in outs[1:]:
+        for x, y in zip(outs[0], o):
+            assert torch.equal(x, y)
+    x = torch.randn(2, 9, 40)
+    y = torch.randn(2, 11, 40)
+    w = [with_threads(emu, 64, seed).wrd_fwd(x, y, None, None, EPS, MAX_ITER, TOL) for seed in (1, 7)]
+    for p, q in zip(*w):
+        assert torch.equal(p, q)
+
+
+def bwd_expected(grad, cost, a, b, f, g, eps):
+    """The envelope gradient (csrc/cpu/sinkhorn.cpp) in float64."""
+    C, a, b, f, g, gr = (t.double() for t in (cost, a, b, f, g, grad))
+    va, vb = a > 0, b > 0
+    sa = torch.where(va, a, 0).sum(1, keepdim=True)
+    sb = torch.where(vb, b, 0).sum(1, keepdim=True)
+    live = ((sa > 0) & (sb > 0))
+    an = torch.where(va & live, a / sa.clamp_min(1e-300), 0)
+    bn = torch.where(vb & live, b / sb.clamp_min(1e-300), 0)
+    fa = (an * f).sum(1, keepdim=True)
+    gb = (bn * g).sum(1, keepdim=True)
+    T = an[:, :, None] * bn[:, None, :] * torch.exp((f[:, :, None] + g[:, None, :] - C) / eps)
+    T = torch.where((an[:, :, None] > 0) & (bn[:, None, :] > 0), T, 0)
+    ga = torch.where(an > 0, gr[:, None] * (f - fa) / sa.clamp_min(1e-300), 0)
+    gbb = torch.where(bn > 0, gr[:, None] * (g - gb) / sb.clamp_min(1e-300), 0)
+    return gr[:, None, None] * T, ga, gbb
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sinkhorn_bwd(emu, dtype):
+    cost, a, b = padded_batch([(9, 7), (5, 12), (12, 12)], 12, 12, seed=7)
+    a[1] = 0  # no mass: zero gradients
+    cost, a, b = cost.to(dtype), a.to(dtype), b.to(dtype)
+    _, _, f, g, *_ = ref_fwd(cost, a, b)
+    f, g = f.float(), g.float()
+    grad = torch.tensor([1.5, -0.7, 0.3])
+    out = with_threads(emu, 64).sinkhorn_bwd(grad, cost, a, b, f, g, EPS)
+    exp = bwd_expected(grad, cost, a, b, f, g, EPS)
+    rtol = 1e-4 if dtype == torch.float32 else 1e-2
+    for name, x, y in zip(("grad_cost", "grad_a", "grad_b"), out, exp):
+        assert x.dtype == dtype
+        close(x, y, 1e-6, rtol, name)
+    assert bool((out[0][1] == 0).all()) and bool((out[1][1] == 0).all()) and bool((out[2][1] == 0).all())
+    if HAS_CPU_OPS:
+        cpu = torch.ops.kxkernels.sinkhorn_bwd(grad, cost, a, b, f, g, EPS)
+        for name, x, y in zip(("grad_cost", "grad_a", "grad_b"), out, cpu):
+            close(x, y, 1e-6, rtol, name + " vs CPU op")
+
+
+def token_batch(B, M, N, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, M, D, generator=g).to(dtype)
+    y = torch.randn(B, N, D, generator=g).to(dtype)
+    xm = torch.rand(B, M, generator=g) < 0.8
+    ym = torch.rand(B, N, generator=g) < 0.8
+    xm[:, 0] = True
+    ym[:, 0] = True
+    return x, y, xm, ym
+
+
+def ref_wrd(x, y, xm, ym, eps=EPS):
+    cost, a, b = R.cosine_cost_and_masses(x.double(), y.double(), xm, ym)
+    return R.sinkhorn(cost, a, b, eps=eps, max_iter=MAX_ITER, tol=TOL)
+
+
+@pytest.mark.parametrize("threads", [None, 64])
+def test_wrd_fwd(emu, threads):
+    """Masks, a zero-norm token, D not a multiple of the staged chunk, more x tokens than a cosine
+    tile has rows, more y tokens than a tile has columns (70 > 64) and than a block has threads
+    (compaction in two chunks)."""
+    x, y, xm, ym = token_batch(3, 20, 70, 45, seed=1)
+    x[0, 3] = 0  # zero norm: no mass
+    xm[1, 10:] = False
+    out = with_threads(emu, threads).wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL)
+    ref = ref_wrd(x, y, xm, ym)
+    value, dual, f, g, n_iter, err = out
+    close(value, ref[0], 2e-6, 1e-4, "value")
+    close(dual, ref[1], 2e-6, 1e-4, "dual")
+    close(f, ref[2], 5e-5, 1e-4, "f")
+    close(g, ref[3], 5e-5, 1e-4, "g")
+    assert int((n_iter - ref[4]).abs().max()) <= 3
+    assert bool((err < TOL).all())
+    if HAS_CPU_OPS:
+        cpu = torch.ops.kxkernels.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL, False)
+        close(value, cpu[0], 2e-6, 1e-4, "value vs CPU op")
+        close(f, cpu[2], 5e-5, 1e-4, "f vs CPU op")
+
+
+def test_wrd_fwd_special_problems(emu):
+    """No masks given; an all-masked side (err 1), both sides masked (zeros), a NaN in a real token
+    (NaN results), a NaN in a masked token (ignored)."""
+    x, y, xm, ym = token_batch(5, 6, 7, 33, seed=2)
+    xm[0] = False
+    xm[1] = False
+    ym[1] = False
+    x[2, 0, 5] = float("nan")
+    xm[3, 4] = False
+    x[3, 4, 0] = float("nan")
+    value, dual, f, g, n_iter, err = emu.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL)
+    assert float(value[0]) == 0 and float(err[0]) == 1 and int(n_iter[0]) == 0
+    assert float(value[1]) == 0 and float(err[1]) == 0 and float(dual[1]) == 0
+    assert bool(value[2].isnan()) and bool(err[2].isnan()) and int(n_iter[2]) == 0
+    assert bool((f[:3] == 0).all()) and bool((g[:3] == 0).all())
+    ref = ref_wrd(x[3:], y[3:], xm[3:], ym[3:])
+    close(value[3:], ref[0], 2e-6, 1e-4, "value")
+    close(f[3:], ref[2], 5e-5, 1e-4, "f")
+    out = emu.wrd_fwd(x[4:], y[4:], None, None, EPS, MAX_ITER, TOL)  # x[3] has a NaN token
+    ref = ref_wrd(x[4:], y[4:], None, None)
+    close(out[0], ref[0], 2e-6, 1e-4, "value without masks")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wrd_fwd_half(emu, dtype):
+    x, y, xm, ym = token_batch(2, 9, 6, 40, dtype=dtype, seed=3)
+    value, *_ = emu.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL)
+    ref = ref_wrd(x, y, xm, ym)
+    close(value, ref[0], 1e-5, 1e-4, "value")
+
+
+def wrd_grad_expected(grad, x, y, xm, ym, f, g, eps):
+    """dL/dx, dL/dy of L = sum_p grad_p (<T, C(x, y)> + <f, a(x)> + <g, b(y)>) with T, f, g held
+    fixed: the envelope gradient the CPU op computes, by float64 autograd."""
+    x = x.double().requires_grad_()
+    y = y.double().requires_grad_()
+    cost, a, b = R.cosine_cost_and_masses(x, y, xm, ym)
+    f, g = f.double(), g.double()
+    va, vb = a > 0, b > 0
+    T = a[:, :, None] * b[:, None, :] * torch.exp((f[:, :, None] + g[:, None, :] - cost) / eps)
+    T = torch.where(va[:, :, None] & vb[:, None, :], T, 0).detach()
+    L = (grad.double() * ((T * cost).sum((1, 2)) + (torch.where(va, f, 0) * a).sum(1)
+                          + (torch.where(vb, g, 0) * b).sum(1))).sum()
+    return torch.autograd.grad(L, (x, y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wrd_bwd(emu, dtype):
+    x, y, xm, ym = token_batch(3, 10, 13, 70, dtype=dtype, seed=4)
+    x[0, 2] = 0
+    xm[2] = False  # no mass: zero gradients
+    ref = ref_wrd(x, y, xm, ym)
+    f, g = ref[2].float(), ref[3].float()
+    grad = torch.tensor([1.0, -2.0, 0.5])
+    gx, gy = emu.wrd_bwd(grad, x, y, xm, ym, f, g, EPS)
+    ex, ey = wrd_grad_expected(grad, x, y, xm, ym, f, g, EPS)
+    assert gx.dtype == dtype and gy.dtype == dtype
+    rtol, atol = (1e-3, 1e-5) if dtype == torch.float32 else (2e-2, 2e-3)
+    close(gx, ex, atol, rtol, "grad_x")
+    close(gy, ey, atol, rtol, "grad_y")
+    assert bool((gx[2] == 0).all()) and bool((gy[2] == 0).all()) and bool((gx[0, 2] == 0).all())
+    assert bool((gx[~xm] == 0).all()) and bool((gy[~ym] == 0).all())
+    if HAS_CPU_OPS:
+        cx, cy = torch.ops.kxkernels.wrd_bwd(grad, x, y, xm, ym, f, g, EPS)
+        close(gx, cx, atol, rtol, "grad_x vs CPU op")
+        close(gy, cy, atol, rtol, "grad_y vs CPU op")
+
+
+def test_launch_policy_limits(emu):
+    """128 x 128 fits in an sm_80 block (163 KB), 165 x 165 in an sm_90 block (227 KB); the
+    shared memory plan is what the glue refuses past the device limit."""
+    import subprocess
+    import tempfile
+
+    def plan(M, N, tokens, limit):
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "meta.txt"), "w") as fh:
+                fh.write(f"B 1\nM {M}\nN {N}\ntokens {int(tokens)}\nsmem_limit {limit}\n")
+            r = subprocess.run([emu.exe, "plan", "float32", d], capture_output=True, text=True, check=True)
+            threads, mat, smem = (int(v) for v in r.stdout.split())
+            return threads, mat, smem
+
+    sm80, sm90 = 163 * 1024, 227 * 1024
+    for tokens in (False, True):
+        assert plan(128, 128, tokens, sm80)[2] <= sm80
+        assert plan(165, 165, tokens, sm90)[2] <= sm90
+        assert plan(170, 170, tokens, sm90)[2] > sm90
+    threads, mat, smem = plan(64, 64, True, sm90)
+    assert threads == 256 and mat >= 64 * 64
+
+
+def test_kernel_runs_at_its_shared_memory_bound(emu):
+    """A 40 x 40 problem with a limit that leaves no room for row padding (unpadded ldk), exactly
+    sized shared memory (an overrun faults on the guard page)."""
+    cost, a, b = padded_batch([(40, 40), (33, 37)], 40, 40, seed=8)
+    tight = _emu.SinkhornEmu(emu.exe, smem_limit=40 * 40 * 8 + 40 * 2 * 80)
+    out = tight.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
+    check_fwd_against_reference(out, ref_fwd(cost, a, b))

@@ -1,0 +1,346 @@
+"""sinkhorn_fwd / sinkhorn_bwd / wrd_fwd / wrd_bwd on CUDA tensors (the CUDA C++ kernels of
+csrc/cuda/sinkhorn_kernel.cuh): against the same ops on the CPU (without Newton steps, so both run
+the reference's schedule) and against the float64 eager reference on the same (rounded) inputs.
+
+Tolerances: the kernels' float32 math with __expf/__logf agrees with float64 math to about 1e-6
+relative on the plan and value once both have converged to tol = 1e-6 (see the header's precision
+note); n_iter may differ by a few sweeps where the error crosses tol at a different rounding.
+"""
+import pytest
+import torch
+
+import kxkernels
+from kxkernels.ops.sinkhorn import reference as R
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+ops = torch.ops.kxkernels
+EPS, TOL, MAX_ITER = 0.05, 1e-6, 2000
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# relative tolerance of a plan rounded to the input dtype
+PLAN_RTOL = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_kernels():
+    if not kxkernels.build_info()["cuda"]:
+        pytest.skip("the extension was built without its CUDA sources")
+
+
+def same_schedule(n_iter, expected):
+    """Sweep counts of the same schedule: a few sweeps apart where float32 and float64 rounding
+    put an error on different sides of tol or STAGE_TOL."""
+    n_iter, expected = n_iter.cpu(), expected.cpu()
+    slack = 3 + expected // 20
+    assert bool(((n_iter - expected).abs() <= slack).all()), f"n_iter {n_iter} vs {expected}"
+
+
+def close(actual, expected, atol, rtol, what, equal_nan=False):
+    torch.testing.assert_close(actual.detach().cpu().double(), expected.detach().cpu().double(), atol=atol,
+                               rtol=rtol, equal_nan=equal_nan, msg=lambda m: f"{what}: {m}")
+
+
+def padded_batch(B, M, N, scale=1.0, seed=0):
+    """Problems with random lengths (1..M rows, 1..N columns, padding by zero mass at the end) and
+    an interior zero mass where there is room; problem 0 is all padding, problem 1 has mass on the
+    rows only."""
+    g = torch.Generator().manual_seed(seed)
+    cost = scale * torch.rand(B, M, N, generator=g)
+    a = torch.rand(B, M, generator=g) + 0.05
+    b = torch.rand(B, N, generator=g) + 0.05
+    ms = torch.randint(1, M + 1, (B,), generator=g)
+    ns = torch.randint(1, N + 1, (B,), generator=g)
+    for p in range(B):
+        a[p, int(ms[p]):] = 0
+        b[p, int(ns[p]):] = 0
+        if ms[p] > 3:
+            a[p, 1] = 0
+        if ns[p] > 3:
+            b[p, 2] = 0
+    a[0] = 0
+    b[0] = 0
+    b[1] = 0
+    return cost, a, b
+
+
+def ref_fwd(cost, a, b, eps=EPS, max_iter=MAX_ITER, tol=TOL):
+    return R.sinkhorn(cost.cpu().double(), a.cpu().double(), b.cpu().double(), eps=eps, max_iter=max_iter,
+                      tol=tol, return_plan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sinkhorn_fwd(dtype):
+    cost, a, b = padded_batch(24, 48, 40, seed=1)
+    cost, a, b = cost.to(dtype), a.to(dtype), b.to(dtype)
+    out = ops.sinkhorn_fwd(cost.cuda(), a.cuda(), b.cuda(), EPS, MAX_ITER, TOL, True, False)
+    value, dual, f, g, n_iter, err, plan = out
+    assert all(t.is_cuda for t in out)
+    assert value.dtype == dual.dtype == f.dtype == g.dtype == err.dtype == torch.float32
+    assert n_iter.dtype == torch.int64 and plan.dtype == dtype and plan.shape == cost.shape
+    # special problems (the CPU op's conventions): all padding, mass on one side only
+    assert float(value[0]) == 0 and float(err[0]) == 0 and int(n_iter[0]) == 0
+    assert float(value[1]) == 0 and float(err[1]) == 1 and int(n_iter[1]) == 0
+    assert bool((f[:2] == 0).all()) and bool((g[:2] == 0).all()) and bool((plan[:2] == 0).all())
+    live = slice(2, None)
+    rv, rd, rf, rg, rn, re, rp = ref_fwd(cost[live], a[live], b[live])
+    close(value[live], rv, 2e-6, 1e-4, "value vs reference")
+    close(dual[live], rd, 2e-6, 1e-4, "dual vs reference")
+    close(f[live], rf, 5e-5, 1e-4, "f vs reference")
+    close(g[live], rg, 5e-5, 1e-4, "g vs reference")
+    close(plan[live], rp, 1e-6, PLAN_RTOL[dtype], "plan vs reference")
+    same_schedule(n_iter[live], rn)
+    assert bool((err[live] < TOL).all()), err
+    # padding stays exactly zero
+    assert bool((f.cpu()[a <= 0] == 0).all()) and bool((g.cpu()[b <= 0] == 0).all())
+    assert bool((plan.cpu()[(a <= 0)[:, :, None].expand_as(plan.cpu())] == 0).all())
+    cpu = ops.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True, False)
+    for name, x, y in zip(("value", "dual", "f", "g"), out, cpu):
+        close(x, y, 5e-5, 1e-4, f"{name} vs CPU op")
+    close(plan, cpu[6], 1e-6, PLAN_RTOL[dtype], "plan vs CPU op")
+    same_schedule(n_iter, cpu[4])
+
+
+def test_sinkhorn_fwd_options_and_layouts():
+    cost, a, b = padded_batch(6, 33, 20, seed=2)
+    base = cost.transpose(1, 2).contiguous().cuda()
+    ct = base.transpose(1, 2)  # strided (B, M, N) view
+    a2 = torch.zeros(6, 66).index_copy_(1, torch.arange(0, 66, 2), a).cuda()[:, ::2]  # stride 2
+    ref = ops.sinkhorn_fwd(cost.cuda(), a.cuda(), b.cuda(), EPS, MAX_ITER, TOL, True, False)
+    out = ops.sinkhorn_fwd(ct, a2, b.cuda(), EPS, MAX_ITER, TOL, False, False)
+    assert out[6].numel() == 0 and out[6].dtype == torch.float32
+    for x, y in zip(out[:6], ref[:6]):
+        assert torch.equal(x, y), "strided inputs change the result"
+    newton = ops.sinkhorn_fwd(cost.cuda(), a.cuda(), b.cuda(), EPS, MAX_ITER, TOL, True, True)
+    for x, y in zip(newton, ref):
+        assert torch.equal(x, y), "the newton flag changes the CUDA result (documented as ignored)"
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        on_stream = ops.sinkhorn_fwd(cost.cuda(), a.cuda(), b.cuda(), EPS, MAX_ITER, TOL, True, False)
+    s.synchronize()
+    for x, y in zip(on_stream, ref):
+        assert torch.equal(x, y)
+
+
+def test_sinkhorn_fwd_special_inputs():
+    cost, a, b = padded_batch(4, 9, 8, seed=3)
+    a[2:, 0] = 1
+    b[2:, 0] = 1
+    cost[2, 0, 0] = float("inf")   # a real entry: NaN results
+    a[3, 8] = 0
+    cost[3, 8, 0] = float("nan")   # padding: ignored
+    value, dual, f, g, n_iter, err, plan = ops.sinkhorn_fwd(cost.cuda(), a.cuda(), b.cuda(), EPS, MAX_ITER, TOL,
+                                                           True, False)
+    assert bool(value[2].isnan()) and bool(dual[2].isnan()) and bool(err[2].isnan()) and int(n_iter[2]) == 0
+    assert bool((f[2] == 0).all()) and bool((plan[2] == 0).all())
+    assert bool(value[3].isfinite()) and float(err[3]) < TOL
+    cpu = ops.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True, False)
+    close(value, cpu[0], 5e-5, 1e-4, "value vs CPU op", equal_nan=True)
+
+
+@pytest.mark.parametrize("offset", [300.0, -300.0])
+def test_sinkhorn_fwd_cost_offset(offset):
+    """exp(-C / eps0) under/overflows at the start: the exact fallback of the stabilized sums."""
+    cost, a, b = padded_batch(8, 20, 20, seed=4)
+    out = ops.sinkhorn_fwd((cost + offset).cuda(), a.cuda(), b.cuda(), EPS, MAX_ITER, TOL, True, False)
+    ref = ref_fwd(cost[2:] + offset, a[2:], b[2:])
+    close(out[0][2:], ref[0], 1e-4, 1e-6, "value")
+    close(out[6][2:], ref[6], 1e-5, 2e-3, "plan")
+    assert bool((out[5][2:] < TOL).all())
+
+
+def test_sinkhorn_fwd_max_iter():
+    """max_iter reached (before and at the final eps): the last plain column update and the row
+    error of the plan returned, as on the CPU."""
+    g = torch.Generator().manual_seed(5)
+    cost = 5.0 * torch.rand(8, 16, 12, generator=g)
+    a = torch.rand(8, 16, generator=g) + 0.05
+    b = torch.rand(8, 12, generator=g) + 0.05
+    a[1::2, 10:] = 0  # at least 10 x 12 real: none converges in 20 sweeps at eps = 0.02
+    for max_iter in (1, 4, 20):
+        out = ops.sinkhorn_fwd(cost.cuda(), a.cuda(), b.cuda(), 0.02, max_iter, TOL, True, False)
+        cpu = ops.sinkhorn_fwd(cost, a, b, 0.02, max_iter, TOL, True, False)
+        assert torch.equal(out[4].cpu(), torch.full((8,), max_iter)) and torch.equal(cpu[4], out[4].cpu())
+        close(out[5], cpu[5], 1e-5, 1e-3, f"err at max_iter={max_iter}")
+        close(out[6], cpu[6], 1e-5, 1e-3, f"plan at max_iter={max_iter}")
+        close(out[0], cpu[0], 1e-5, 1e-4, f"value at max_iter={max_iter}")
+
+
+def test_sinkhorn_fwd_small_eps_large_range():
+    cost, a, b = padded_batch(16, 24, 24, scale=50.0, seed=6)
+    out = ops.sinkhorn_fwd(cost.cuda(), a.cuda(), b.cuda(), 0.01, 5000, TOL, True, False)
+    ref = ref_fwd(cost[2:], a[2:], b[2:], eps=0.01, max_iter=5000)
+    close(out[0][2:], ref[0], 1e-4, 1e-5, "value")
+    close(out[6][2:], ref[6], 1e-5, 1e-3, "plan")
+    # plain Sinkhorn (no Newton steps on CUDA) need not converge in 5000 sweeps at spread / eps =
+    # 5000; where the reference's schedule converges, so must the kernel's
+    converged = ref[4] < 5000
+    assert bool((out[5][2:].cpu()[converged] < TOL).all()), (out[5], ref[5])
+    same_schedule(out[4][2:][converged.cuda()], ref[4][converged])
+
+
+def test_too_large_and_float64_refused():
+    with pytest.raises(ValueError, match="shared memory"):
+        ops.sinkhorn_fwd(torch.rand(1, 400, 400, device="cuda"), torch.ones(1, 400, device="cuda"),
+                         torch.ones(1, 400, device="cuda"), EPS, 10, TOL, False, False)
+    c = torch.rand(2, 3, 4, device="cuda", dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        ops.sinkhorn_fwd(c, torch.ones(2, 3, device="cuda", dtype=torch.float64),
+                         torch.ones(2, 4, device="cuda", dtype=torch.float64), EPS, 10, TOL, False, False)
+    # the largest problem that fits runs
+    side = 128
+    out = ops.sinkhorn_fwd(torch.rand(2, side, side, device="cuda"), torch.ones(2, side, device="cuda"),
+                           torch.ones(2, side, device="cuda"), 0.1, 500, 1e-5, False, False)
+    assert bool((out[5] < 1e-5).all())
+
+
+def bwd_expected(grad, cost, a, b, f, g, eps):
+    """The envelope gradient (csrc/cpu/sinkhorn.cpp) in float64."""
+    C, a, b, f, g, gr = (t.cpu().double() for t in (cost, a, b, f, g, grad))
+    va, vb = a > 0, b > 0
+    sa = torch.where(va, a, 0).sum(1, keepdim=True)
+    sb = torch.where(vb, b, 0).sum(1, keepdim=True)
+    live = (sa > 0) & (sb > 0)
+    an = torch.where(va & live, a / sa.clamp_min(1e-300), 0)
+    bn = torch.where(vb & live, b / sb.clamp_min(1e-300), 0)
+    fa = (an * f).sum(1, keepdim=True)
+    gb = (bn * g).sum(1, keepdim=True)
+    T = an[:, :, None] * bn[:, None, :] * torch.exp((f[:, :, None] + g[:, None, :] - C) / eps)
+    T = torch.where((an[:, :, None] > 0) & (bn[:, None, :] > 0), T, 0)
+    ga = torch.where(an > 0, gr[:, None] * (f - fa) / sa.clamp_min(1e-300), 0)
+    gbb = torch.where(bn > 0, gr[:, None] * (g - gb) / sb.clamp_min(1e-300), 0)
+    return gr[:, None, None] * T, ga, gbb
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sinkhorn_bwd(dtype):
+    cost, a, b = padded_batch(12, 30, 26, seed=7)
+    cost, a, b = cost.to(dtype), a.to(dtype), b.to(dtype)
+    fwd = ops.sinkhorn_fwd(cost.cuda(), a.cuda(), b.cuda(), EPS, MAX_ITER, TOL, False, False)
+    f, g = fwd[2], fwd[3]
+    grad = torch.linspace(-1.0, 2.0, 12, device="cuda")
+    out = ops.sinkhorn_bwd(grad, cost.cuda(), a.cuda(), b.cuda(), f, g, EPS)
+    exp = bwd_expected(grad, cost, a, b, f, g, EPS)
+    cpu = ops.sinkhorn_bwd(grad.cpu(), cost, a, b, f.cpu(), g.cpu(), EPS)
+    rtol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    for name, x, e, c in zip(("grad_cost", "grad_a", "grad_b"), out, exp, cpu):
+        assert x.dtype == dtype and x.is_cuda
+        close(x, e, 1e-6, rtol, name)
+        close(x, c, 1e-6, rtol, name + " vs CPU op")
+
+
+def token_batch(B, M, N, D, dtype=torch.float32, lengths=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, M, D, generator=g).to(dtype)
+    y = torch.randn(B, N, D, generator=g).to(dtype)
+    lo, hi = lengths or (1, min(M, N))
+    lx = torch.randint(lo, hi + 1, (B,), generator=g).clamp_max(M)
+    ly = torch.randint(lo, hi + 1, (B,), generator=g).clamp_max(N)
+    xm = torch.arange(M)[None, :] < lx[:, None]
+    ym = torch.arange(N)[None, :] < ly[:, None]
+    return x, y, xm, ym
+
+
+def ref_wrd(x, y, xm, ym, eps=EPS):
+    cost, a, b = R.cosine_cost_and_masses(x.cpu().double(), y.cpu().double(),
+                                          None if xm is None else xm.cpu(), None if ym is None else ym.cpu())
+    return R.sinkhorn(cost, a, b, eps=eps, max_iter=MAX_ITER, tol=TOL)
+
+
+def cuda_all(*ts):
+    return [None if t is None else t.cuda() for t in ts]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wrd_fwd(dtype):
+    x, y, xm, ym = token_batch(16, 40, 70, 100, dtype=dtype, seed=8)
+    x[3, 0] = 0       # zero norm: no mass
+    xm[4] = False     # mass on y only: err 1
+    xm[5] = False
+    ym[5] = False     # all padding
+    out = ops.wrd_fwd(*cuda_all(x, y, xm, ym), EPS, MAX_ITER, TOL, False)
+    value, dual, f, g, n_iter, err = out
+    assert value.dtype == f.dtype == torch.float32 and n_iter.dtype == torch.int64
+    assert float(err[4]) == 1 and float(value[4]) == 0 and float(err[5]) == 0 and float(value[5]) == 0
+    live = [p for p in range(16) if p not in (4, 5)]
+    ref = ref_wrd(x[live], y[live], xm[live], ym[live])
+    close(value[live], ref[0], 1e-5, 1e-4, "value vs reference")
+    close(dual[live], ref[1], 1e-5, 1e-4, "dual vs reference")
+    close(f[live], ref[2], 1e-4, 1e-4, "f vs reference")
+    assert bool((err[live] < TOL).all())
+    cpu = ops.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL, False)
+    close(value, cpu[0], 1e-5, 1e-4, "value vs CPU op")
+    close(g, cpu[3], 1e-4, 1e-4, "g vs CPU op")
+    same_schedule(n_iter, cpu[4])
+    no_masks = ops.wrd_fwd(x[6:].cuda(), y[6:].cuda(), None, None, EPS, MAX_ITER, TOL, False)
+    close(no_masks[0], ref_wrd(x[6:], y[6:], None, None)[0], 1e-5, 1e-4, "value without masks")
+
+
+def test_wrd_fwd_non_finite_token():
+    x, y, xm, ym = token_batch(3, 8, 9, 32, seed=9)
+    xm[:] = True
+    x[0, 2, 3] = float("nan")   # real token: NaN result
+    xm[1, 5] = False
+    x[1, 5, 0] = float("inf")   # masked token: ignored
+    value, _, f, _, n_iter, err = ops.wrd_fwd(*cuda_all(x, y, xm, ym), EPS, MAX_ITER, TOL, False)
+    assert bool(value[0].isnan()) and bool(err[0].isnan()) and int(n_iter[0]) == 0 and bool((f[0] == 0).all())
+    assert bool(value[1:].isfinite().all())
+
+
+def wrd_grad_expected(grad, x, y, xm, ym, f, g, eps):
+    """The envelope gradient (T, f, g held fixed), by float64 autograd."""
+    x = x.cpu().double().requires_grad_()
+    y = y.cpu().double().requires_grad_()
+    cost, a, b = R.cosine_cost_and_masses(x, y, xm.cpu(), ym.cpu())
+    f, g = f.cpu().double(), g.cpu().double()
+    va, vb = a > 0, b > 0
+    T = a[:, :, None] * b[:, None, :] * torch.exp((f[:, :, None] + g[:, None, :] - cost) / eps)
+    T = torch.where(va[:, :, None] & vb[:, None, :], T, 0).detach()
+    L = (grad.cpu().double() * ((T * cost).sum((1, 2)) + (torch.where(va, f, 0) * a).sum(1)
+                                + (torch.where(vb, g, 0) * b).sum(1))).sum()
+    return torch.autograd.grad(L, (x, y))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wrd_bwd(dtype):
+    x, y, xm, ym = token_batch(10, 33, 21, 96, dtype=dtype, seed=10)
+    x[2, 0] = 0
+    xm[3] = False  # no mass: zero gradients
+    fwd = ops.wrd_fwd(*cuda_all(x, y, xm, ym), EPS, MAX_ITER, TOL, False)
+    f, g = fwd[2], fwd[3]
+    grad = torch.linspace(-1.0, 1.5, 10, device="cuda")
+    gx, gy = ops.wrd_bwd(grad, *cuda_all(x, y, xm, ym), f, g, EPS)
+    assert gx.dtype == dtype and gy.dtype == dtype and gx.shape == x.shape and gy.shape == y.shape
+    ex, ey = wrd_grad_expected(grad, x, y, xm, ym, f, g, EPS)
+    rtol, atol = {torch.float32: (1e-3, 1e-5), torch.float16: (5e-3, 1e-3),
+                  torch.bfloat16: (2e-2, 2e-3)}[dtype]
+    close(gx, ex, atol, rtol, "grad_x")
+    close(gy, ey, atol, rtol, "grad_y")
+    assert bool((gx[3] == 0).all()) and bool((gy[3] == 0).all()) and bool((gx[2, 0] == 0).all())
+    assert bool((gx.cpu()[~xm] == 0).all()) and bool((gy.cpu()[~ym] == 0).all())
+    cx, cy = ops.wrd_bwd(grad.cpu(), x, y, xm, ym, f.cpu(), g.cpu(), EPS)
+    close(gx, cx, atol, rtol, "grad_x vs CPU op")
+    close(gy, cy, atol, rtol, "grad_y vs CPU op")
+
+
+@pytest.mark.slow
+def test_wrd_4096_pairs():
+    """4096 sentence pairs of 8..64 tokens, dim 384 (MiniLM-sized), forward and backward, against the
+    CPU ops (the float64 reference on a sample)."""
+    B, L, D = 4096, 64, 384
+    x, y, xm, ym = token_batch(B, L, L, D, lengths=(8, 64), seed=11)
+    xc, yc, xmc, ymc = cuda_all(x, y, xm, ym)
+    value, dual, f, g, n_iter, err = ops.wrd_fwd(xc, yc, xmc, ymc, EPS, MAX_ITER, TOL, False)
+    torch.cuda.synchronize()
+    assert bool((err < TOL).all()), f"{int((err >= TOL).sum())} problems did not converge"
+    cpu = ops.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL, False)
+    close(value, cpu[0], 1e-5, 1e-4, "value vs CPU op")
+    close(f, cpu[2], 1e-4, 1e-4, "f vs CPU op")
+    sample = torch.arange(0, B, 64)
+    ref = ref_wrd(x[sample], y[sample], xm[sample], ym[sample])
+    close(value[sample.cuda()], ref[0], 1e-5, 1e-4, "value vs reference (sample)")
+    grad = torch.ones(B, device="cuda")
+    gx, gy = ops.wrd_bwd(grad, xc, yc, xmc, ymc, f, g, EPS)
+    cx, cy = ops.wrd_bwd(grad.cpu(), x, y, xm, ym, f.cpu(), g.cpu(), EPS)
+    close(gx, cx, 1e-5, 1e-3, "grad_x vs CPU op")
+    close(gy, cy, 1e-5, 1e-3, "grad_y vs CPU op")
