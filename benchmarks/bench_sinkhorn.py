@@ -1,0 +1,126 @@
+"""Batched Sinkhorn / WRD (Word Rotator's Distance) benchmark cases for benchmarks/run.py.
+
+Providers: kxkernels ``wrd`` (C++ on CPU, CUDA C++ on GPU); the eager batched log-domain torch
+Sinkhorn of kxkernels/ops/sinkhorn/reference.py; POT ``ot.emd2`` per pair (exact, masses and cost
+built per pair as a user would: the CPU alternative to beat); POT ``ot.sinkhorn2`` per pair
+(``method="sinkhorn_log"``, same eps and tolerance); POT's batched ``ot.solve_batch``
+(``method="log_sinkhorn"``, same eps and tolerance).
+
+The eager reference and per-pair ``ot.sinkhorn2`` take tens of seconds on a few hundred pairs
+(both run to ``max_iter`` on the slowest problems), so the real-pair case with every provider uses
+the first ``REAL_PAIRS`` STS pairs (tests/ops/test_sinkhorn.py checks accuracy on all 515).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import kxkernels
+from benchmarks.harness import Case
+from kxkernels.ops.sinkhorn import reference, sts
+
+EPS, TOL, MAX_ITER = 0.01, 1e-6, 1000
+REAL_PAIRS = 64
+SYNTH_PAIRS, SYNTH_DIM, SYNTH_LENGTHS = 256, 384, (8, 64)  # the eager reference takes ~0.1 s a pair
+
+
+def _pair_inputs(x: torch.Tensor, y: torch.Tensor):
+    """Masses ||x_i|| / sum ||x|| and cost 1 - cos of one pair, in float64 numpy (a POT user's code)."""
+    x, y = x.double().numpy(), y.double().numpy()
+    nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+    cost = 1.0 - (x / nx[:, None]) @ (y / ny[:, None]).T
+    return nx / nx.sum(), ny / ny.sum(), cost
+
+
+def _pot_peers(pairs: list[tuple[torch.Tensor, torch.Tensor]], x, y, xm, ym, with_slow_peers: bool):
+    import ot
+
+    def emd2_per_pair():
+        return [ot.emd2(*_pair_inputs(xi, yi)) for xi, yi in pairs]
+
+    def sinkhorn2_per_pair():
+        return [ot.sinkhorn2(*_pair_inputs(xi, yi), reg=EPS, method="sinkhorn_log", stopThr=TOL,
+                             numItermax=MAX_ITER) for xi, yi in pairs]
+
+    peers = {"ot.emd2 per pair (exact)": emd2_per_pair}
+    if with_slow_peers:
+        peers["ot.sinkhorn2 per pair (sinkhorn_log)"] = sinkhorn2_per_pair
+        if hasattr(ot, "solve_batch"):
+            cost, a, b = reference.cosine_cost_and_masses(x, y, xm, ym)
+            peers["ot.solve_batch (log_sinkhorn)"] = lambda: ot.solve_batch(
+                cost, reg=EPS, a=a, b=b, max_iter=MAX_ITER, tol=TOL, method="log_sinkhorn", grad="detach")
+    return peers, emd2_per_pair
+
+
+def _wrd_case(label: str, x, y, xm, ym, device: str, with_slow_peers: bool, note: str) -> Case:
+    pairs = [(x[i, xm[i]], y[i, ym[i]]) for i in range(x.shape[0])]
+    peers, emd2 = _pot_peers(pairs, x, y, xm, ym, with_slow_peers) if device == "cpu" else ({}, None)
+    xd, yd, xmd, ymd = (t.to(device) for t in (x, y, xm, ym))
+
+    def kx():
+        return kxkernels.wrd(xd, yd, x_mask=xmd, y_mask=ymd, eps=EPS, max_iter=MAX_ITER, tol=TOL)
+
+    def ref():
+        return reference.wrd(xd, yd, x_mask=xmd, y_mask=ymd, eps=EPS, max_iter=MAX_ITER, tol=TOL)
+
+    def max_error():
+        v = kx().double().cpu()
+        if emd2 is not None:
+            exact = torch.tensor(emd2(), dtype=torch.float64)
+            gap = float(((v - exact).abs() / exact).mean())
+            case.note += f"; mean relative gap of kxkernels WRD to exact ot.emd2: {gap:.2e}"
+        r = ref().double().cpu()
+        return float(((v - r).abs() / r.abs().clamp_min(1e-12)).max())
+
+    m, n = x.shape[1], y.shape[1]
+    case = Case(op="wrd fwd", shape=f"{label} B={x.shape[0]} M<={m} N<={n} D={x.shape[2]}", dtype="float32",
+                device=device, kx=kx, reference=ref,
+                peers=peers, max_error=max_error,
+                note=note + f"; eps={EPS} tol={TOL} max_iter={MAX_ITER}; max error = max relative |kx - reference|")
+    return case
+
+
+def _real(n_pairs):
+    pairs = sts.sts_pairs()
+    x, y, xm, ym = pairs.x, pairs.y, pairs.x_mask, pairs.y_mask
+    if n_pairs is not None:
+        x, y, xm, ym = x[:n_pairs], y[:n_pairs], xm[:n_pairs], ym[:n_pairs]
+        keep_m, keep_n = int(xm.sum(1).max()), int(ym.sum(1).max())
+        x, y, xm, ym = x[:, :keep_m], y[:, :keep_n], xm[:, :keep_m], ym[:, :keep_n]
+    return x.contiguous(), y.contiguous(), xm.contiguous(), ym.contiguous()
+
+
+def _synthetic(n_pairs: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = SYNTH_LENGTHS
+    lm = torch.randint(lo, hi + 1, (n_pairs,), generator=g)
+    ln = torch.randint(lo, hi + 1, (n_pairs,), generator=g)
+    # token vectors that share a direction per pair, like contextual embeddings of one text
+    base = torch.randn(n_pairs, 1, SYNTH_DIM, generator=g)
+    x = base + torch.randn(n_pairs, hi, SYNTH_DIM, generator=g)
+    y = base + torch.randn(n_pairs, hi, SYNTH_DIM, generator=g)
+    xm = torch.arange(hi)[None, :] < lm[:, None]
+    ym = torch.arange(hi)[None, :] < ln[:, None]
+    return x, y, xm, ym
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    out = []
+    why = sts.minilm_unavailable()
+    if why is None:
+        try:
+            n_real = 16 if quick else REAL_PAIRS
+            x, y, xm, ym = _real(n_real)
+            out.append(_wrd_case("real STS pairs (MiniLM)", x, y, xm, ym, device, True,
+                                 f"real pairs: the first {x.shape[0]} of sts-forums.tsv, all-MiniLM-L6-v2 tokens"))
+        except FileNotFoundError as e:
+            import warnings
+            warnings.warn(f"real STS case skipped: {e}")
+    else:
+        import warnings
+        warnings.warn(f"real STS case skipped: {why}")
+    n_synth = 32 if quick else SYNTH_PAIRS
+    x, y, xm, ym = _synthetic(n_synth)
+    out.append(_wrd_case("synthetic, lengths 8..64", x, y, xm, ym, device, False,
+                         "synthetic pairs: Gaussian tokens around a shared per-pair direction; peers: ot.emd2 per pair"))
+    return out
