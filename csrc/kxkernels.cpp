@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "common/isa.h"
 #include "common/output.h"
 
 #ifndef KX_TORCH_VERSION
@@ -21,6 +22,9 @@
 #endif
 
 TORCH_LIBRARY(kxkernels, m) {
+  // ---- CPU ISA dispatch self-test (common/simd.h at the running level; tests only) ----------
+  // x float32 (n,) -> (exp(x), x as bf16, x as fp16, bf16 back to float32, fp16 back to float32).
+  m.def("_isa_selftest(Tensor x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ---- sparse softmax top-k (SPACES) --------------------------------------------------------
   // logits (N, V), softmax over the k largest entries of each row, zero elsewhere.
   // Returns (probs (N, V) in logits dtype, topk_index (N, k) int64, sorted by value desc then index asc).
@@ -64,6 +68,9 @@ static pybind11::dict build_info() {
   d["compiler"] = "unknown";
 #endif
   d["openmp"] = bool(AT_PARALLEL_OPENMP);
+  d["cpu_isa"] = kx::isa_name(kx::cpu_isa());                      // the level the kernels run
+  d["cpu_isa_supported"] = kx::isa_name(kx::cpu_isa_supported());  // the best this CPU runs
+  d["cpu_isa_levels"] = pybind11::make_tuple("baseline", "avx2", "avx512");  // compiled in
   return d;
 }
 
@@ -71,5 +78,13 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "kxkernels compiled kernels: ops live in torch.ops.kxkernels";
   m.def("build_info", &build_info, "How this extension was built");
   m.def("cached_bytes", &kx::zeroed_pool_held_bytes, "Bytes the output pool keeps for reuse");
+  m.def("cpu_isa", [] { return std::string(kx::isa_name(kx::cpu_isa())); },
+        "The ISA level the CPU kernels run now (baseline, avx2, avx512)");
+  m.def("set_cpu_isa", [](const std::string& name) {
+        kx::Isa want;
+        if (!kx::parse_isa(name.c_str(), &want))
+          throw pybind11::value_error("kxkernels: isa must be 'baseline', 'avx2' or 'avx512', got '" + name + "'");
+        return std::string(kx::isa_name(kx::set_cpu_isa(want)));
+      }, "Cap the CPU kernels' ISA level (a level above the CPU's runs the CPU's); returns the level in force");
   m.def("empty_cache", &kx::zeroed_pool_release, "Unmap every mapping the output pool keeps");
 }
