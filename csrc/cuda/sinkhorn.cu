@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/sinkhorn_checks.h"
 #include "common/output.h"
 #include "sinkhorn_kernel.cuh"
 
@@ -49,62 +50,16 @@ void check_cuda_float(const at::Tensor& t, const char* name) {
                    "gradcheck): cast it to float32 or run on the CPU");
 }
 
-void check_settings(double eps, int64_t max_iter, double tol) {
-  KX_CHECK(eps > 0 && std::isfinite(eps), "eps must be a finite number > 0, got ", eps);
-  KX_CHECK(max_iter >= 1, "max_iter must be >= 1, got ", max_iter);
-  KX_CHECK(tol > 0, "tol must be > 0, got ", tol);
-}
-
+// The shared checks (common/sinkhorn_checks.h) plus the CUDA dtype rule.
 void check_problem(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b) {
   check_cuda_float(cost, "cost");
-  check_dim(cost, 3, "cost");
-  check_dim(a, 2, "a");
-  check_dim(b, 2, "b");
-  check_same_device(cost, a, "cost", "a");
-  check_same_device(cost, b, "cost", "b");
-  KX_CHECK(a.scalar_type() == cost.scalar_type() && b.scalar_type() == cost.scalar_type(),
-           "a and b must have the dtype of cost (", cost.scalar_type(), "), got ", a.scalar_type(), " and ",
-           b.scalar_type());
-  KX_CHECK(a.size(0) == cost.size(0) && a.size(1) == cost.size(1), "a must have shape (", cost.size(0), ", ",
-           cost.size(1), "), got ", a.sizes());
-  KX_CHECK(b.size(0) == cost.size(0) && b.size(1) == cost.size(2), "b must have shape (", cost.size(0), ", ",
-           cost.size(2), "), got ", b.sizes());
+  check_problem_tensors(cost, a, b);
 }
 
-void check_tokens(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& xm,
-                  const std::optional<at::Tensor>& ym) {
+void check_cuda_tokens(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& xm,
+                       const std::optional<at::Tensor>& ym) {
   check_cuda_float(x, "x");
-  check_dim(x, 3, "x");
-  check_dim(y, 3, "y");
-  check_same_device(x, y, "x", "y");
-  KX_CHECK(y.scalar_type() == x.scalar_type(), "y must have the dtype of x (", x.scalar_type(), "), got ",
-           y.scalar_type());
-  KX_CHECK(y.size(0) == x.size(0), "x and y must have the same batch size, got ", x.size(0), " and ", y.size(0));
-  KX_CHECK(y.size(2) == x.size(2), "x and y must have the same embedding dim, got ", x.size(2), " and ",
-           y.size(2));
-  const std::optional<at::Tensor>* masks[2] = {&xm, &ym};
-  const at::Tensor* owners[2] = {&x, &y};
-  const char* names[2] = {"x_mask", "y_mask"};
-  for (int s = 0; s < 2; ++s) {
-    if (!masks[s]->has_value()) continue;
-    const at::Tensor& mk = masks[s]->value();
-    const at::Tensor& t = *owners[s];
-    TORCH_CHECK_TYPE(mk.scalar_type() == at::kBool, "kxkernels: ", names[s], " must be bool, got ",
-                     mk.scalar_type());
-    KX_CHECK(mk.dim() == 2 && mk.size(0) == t.size(0) && mk.size(1) == t.size(1), names[s],
-             " must have shape (", t.size(0), ", ", t.size(1), "), got ", mk.sizes());
-    check_same_device(mk, t, names[s], s == 0 ? "x" : "y");
-  }
-}
-
-void check_potentials(const at::Tensor& grad, const at::Tensor& f, const at::Tensor& g, const at::Tensor& like,
-                      int64_t B, int64_t M, int64_t N) {
-  KX_CHECK(grad.dim() == 1 && grad.size(0) == B, "grad must have shape (", B, ",), got ", grad.sizes());
-  KX_CHECK(f.dim() == 2 && f.size(0) == B && f.size(1) == M, "f must have shape (", B, ", ", M, ")");
-  KX_CHECK(g.dim() == 2 && g.size(0) == B && g.size(1) == N, "g must have shape (", B, ", ", N, ")");
-  check_same_device(grad, like, "grad", "the inputs");
-  check_same_device(f, like, "f", "the inputs");
-  check_same_device(g, like, "g", "the inputs");
+  check_tokens(x, y, xm, ym);
 }
 
 size_t smem_limit() {
@@ -176,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cuda(const at::Tenso
                                                                  const at::Tensor& f, const at::Tensor& g,
                                                                  double eps) {
   check_problem(cost, a, b);
-  KX_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  check_bwd_eps(eps);
   const int64_t B = cost.size(0), M = cost.size(1), N = cost.size(2);
   check_potentials(grad, f, g, cost, B, M, N);
   const c10::cuda::CUDAGuard guard(cost.device());
@@ -200,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cuda(const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wrd_fwd_cuda(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
     const std::optional<at::Tensor>& y_mask, double eps, int64_t max_iter, double tol, bool /*newton*/) {
-  check_tokens(x, y, x_mask, y_mask);
+  check_cuda_tokens(x, y, x_mask, y_mask);
   check_settings(eps, max_iter, tol);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), M = x.size(1), N = y.size(1);
@@ -223,8 +178,8 @@ std::tuple<at::Tensor, at::Tensor> wrd_bwd_cuda(const at::Tensor& grad, const at
                                                 const std::optional<at::Tensor>& x_mask,
                                                 const std::optional<at::Tensor>& y_mask, const at::Tensor& f,
                                                 const at::Tensor& g, double eps) {
-  check_tokens(x, y, x_mask, y_mask);
-  KX_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  check_cuda_tokens(x, y, x_mask, y_mask);
+  check_bwd_eps(eps);
   const int64_t B = x.size(0), M = x.size(1), N = y.size(1), D = x.size(2);
   check_potentials(grad, f, g, x, B, M, N);
   const c10::cuda::CUDAGuard guard(x.device());

@@ -42,14 +42,16 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "../common/sinkhorn_schedule.h"
+
 namespace kx {
 namespace sinkhorn_cuda {
 
-// ---- schedule: the same numbers as kxkernels/ops/sinkhorn/reference.py --------------------------
-constexpr double kEpsRatio = 0.25;   // eps_{k+1} = max(kEpsRatio * eps_k, eps)
-constexpr int kStageSweeps = 2;      // sweeps per intermediate eps at most ...
-constexpr double kStageTol = 0.1;    // ... fewer once the marginal error is below this
-constexpr float kOmega = 1.8f;       // over-relaxation at the final eps
+// ---- schedule: common/sinkhorn_schedule.h (the CPU kernel and the reference read it too) ---------
+using sinkhorn_schedule::kEpsRatio;
+using sinkhorn_schedule::kStageSweeps;
+using sinkhorn_schedule::kStageTol;
+constexpr float kOmega = float(sinkhorn_schedule::kOmega);
 // ---- numerics (csrc/cpu/sinkhorn.cpp) ------------------------------------------------------------
 constexpr float kAbsorbAbove = 4.0f;               // fold offsets |u|, |v| above this into F, G
 constexpr float kSumMin = 1e-30f, kSumMax = 1e30f; // stabilized sums outside: exact logsumexp
