@@ -16,8 +16,8 @@ rank (a KP x KP comparison), which bounds that path to ``k <= MAX_K``.
 
 Large k (``k > MAX_K``, up to V: the same k as the CPU ops accept): the row's k-th entry is found
 by bisection on an order-preserving int32 key of the float bits (32 counting passes over the row,
-then at most ~log2 V more over the index among entries tied at the k-th value, so ties keep the
-lower index as on the CPU); the kept set ``key > t or (key == t and index <= cut)`` then gives the
+then, when only some of the entries tied at the k-th value fit, ~log2 V more over the index,
+so ties keep the lower index as on the CPU); the kept set ``key > t or (key == t and index <= cut)`` then gives the
 softmax / logsumexp in two more passes, the probabilities and the kept indices (compacted in
 index order with a prefix sum) in the last. The launcher orders topk_index by a stable sort of
 the kept values (value desc, index asc). The backward kernels loop over topk_index in chunks of
@@ -263,14 +263,17 @@ def _row_threshold(x_row, n_cols, k, BLOCK_V: tl.constexpr):
         hi = tl.where(big, hi, mid - 1)
     t = lo
     above = tl.zeros([], tl.int32)
+    tied = tl.zeros([], tl.int32)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offs
         inb = cols < n_cols
         key = _sort_key(tl.load(x_row + cols, mask=inb, other=float("-inf")).to(tl.float32)).to(tl.int64)
         above += tl.sum((inb & (key > t)).to(tl.int32), axis=0)
+        tied += tl.sum((inb & (key == t)).to(tl.int32), axis=0)
     need = k - above  # ties at t to keep, lowest index first
-    clo = tl.full([], 0, tl.int64)  # the smallest cut with count(key == t, index <= cut) >= need
+    # the smallest cut with count(key == t, index <= cut) >= need; every tie kept: no search
     chi = tl.full([], 0, tl.int64) + n_cols - 1
+    clo = tl.where(tied == need, chi, tl.full([], 0, tl.int64))
     while clo < chi:
         cmid = (clo + chi) // 2
         cnt = tl.zeros([], tl.int32)
