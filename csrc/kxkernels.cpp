@@ -7,6 +7,7 @@
 
 #include "common/isa.h"
 #include "common/output.h"
+#include "common/sinkhorn_schedule.h"
 
 #ifndef KX_TORCH_VERSION
 #define KX_TORCH_VERSION "unknown"
@@ -87,4 +88,13 @@ PYBIND11_MODULE(_C, m) {
         return std::string(kx::isa_name(kx::set_cpu_isa(want)));
       }, "Cap the CPU kernels' ISA level (a level above the CPU's runs the CPU's); returns the level in force");
   m.def("empty_cache", &kx::zeroed_pool_release, "Unmap every mapping the output pool keeps");
+  m.def("sinkhorn_schedule", [] {
+        namespace S = kx::sinkhorn_schedule;
+        pybind11::dict d;
+        d["eps_ratio"] = S::kEpsRatio;
+        d["stage_sweeps"] = S::kStageSweeps;
+        d["stage_tol"] = S::kStageTol;
+        d["omega"] = S::kOmega;
+        return d;
+      }, "The Sinkhorn eps schedule the CPU and CUDA kernels run (common/sinkhorn_schedule.h)");
 }

@@ -31,6 +31,8 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/sinkhorn_checks.h"
+#include "common/sinkhorn_schedule.h"
 #include "common/math.h"
 #include "common/output.h"
 
@@ -39,11 +41,11 @@
 namespace kx {
 namespace {
 
-// ---- schedule: the same numbers as kxkernels/ops/sinkhorn/reference.py -------------------------
-constexpr double kEpsRatio = 0.25;    // eps_{k+1} = max(kEpsRatio * eps_k, eps)
-constexpr int kStageSweeps = 2;       // sweeps per intermediate eps at most ...
-constexpr double kStageTol = 0.1;     // ... fewer once the marginal error is below this
-constexpr double kOmega = 1.8;        // over-relaxation at the final eps
+// ---- schedule: common/sinkhorn_schedule.h (the CUDA kernel and the reference read it too) ------
+using sinkhorn_schedule::kEpsRatio;
+using sinkhorn_schedule::kOmega;
+using sinkhorn_schedule::kStageSweeps;
+using sinkhorn_schedule::kStageTol;
 // ---- CPU additions -----------------------------------------------------------------------------
 constexpr int kNewtonAfter = 15;       // final-eps sweeps before Newton steps take over
 constexpr double kNewtonMaxStep = 20;  // largest potential change of one Newton step, units of eps
@@ -686,28 +688,6 @@ void for_each_problem(int64_t B, int64_t M, int64_t N, int64_t D, Body&& body) {
 
 at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_problem_tensors(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b) {
-  check_floating(cost, "cost");
-  check_dim(cost, 3, "cost");
-  check_dim(a, 2, "a");
-  check_dim(b, 2, "b");
-  check_same_device(cost, a, "cost", "a");
-  check_same_device(cost, b, "cost", "b");
-  KX_CHECK(a.scalar_type() == cost.scalar_type() && b.scalar_type() == cost.scalar_type(),
-           "a and b must have the dtype of cost (", cost.scalar_type(), "), got ", a.scalar_type(),
-           " and ", b.scalar_type());
-  KX_CHECK(a.size(0) == cost.size(0) && a.size(1) == cost.size(1), "a must have shape (",
-           cost.size(0), ", ", cost.size(1), "), got ", a.sizes());
-  KX_CHECK(b.size(0) == cost.size(0) && b.size(1) == cost.size(2), "b must have shape (",
-           cost.size(0), ", ", cost.size(2), "), got ", b.sizes());
-}
-
-void check_settings(double eps, int64_t max_iter, double tol) {
-  KX_CHECK(eps > 0 && std::isfinite(eps), "eps must be a finite number > 0, got ", eps);
-  KX_CHECK(max_iter >= 1, "max_iter must be >= 1, got ", max_iter);
-  KX_CHECK(tol > 0, "tol must be > 0, got ", tol);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 sinkhorn_fwd_cpu(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps,
                  int64_t max_iter, double tol, bool return_plan, bool newton) {
@@ -743,11 +723,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cpu(const at::Tensor
                                                                 const at::Tensor& f, const at::Tensor& g,
                                                                 double eps) {
   check_problem_tensors(cost, a, b);
-  KX_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  check_bwd_eps(eps);
   const int64_t B = cost.size(0), M = cost.size(1), N = cost.size(2);
-  KX_CHECK(grad.dim() == 1 && grad.size(0) == B, "grad must have shape (", B, ",), got ", grad.sizes());
-  KX_CHECK(f.dim() == 2 && f.size(0) == B && f.size(1) == M, "f must have shape (", B, ", ", M, ")");
-  KX_CHECK(g.dim() == 2 && g.size(0) == B && g.size(1) == N, "g must have shape (", B, ", ", N, ")");
+  check_potentials(grad, f, g, cost, B, M, N);
   at::Tensor gc = new_output({B, M, N}, cost.options());
   at::Tensor ga = new_output({B, M}, cost.options()), gb = new_output({B, N}, cost.options());
   KX_DISPATCH_FLOATING(cost.scalar_type(), "sinkhorn_bwd", [&] {
@@ -927,26 +905,6 @@ void wrd_problem_base(const WrdArgs<T, A>& P, Work<A>& W, int64_t p, double* nx,
   wrd_problem(P, W, p, nx, ny);
 }
 
-void check_tokens(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& xm,
-                  const c10::optional<at::Tensor>& ym) {
-  check_floating(x, "x");
-  check_dim(x, 3, "x");
-  check_dim(y, 3, "y");
-  check_same_device(x, y, "x", "y");
-  KX_CHECK(y.scalar_type() == x.scalar_type(), "y must have the dtype of x (", x.scalar_type(), "), got ",
-           y.scalar_type());
-  KX_CHECK(y.size(0) == x.size(0), "x and y must have the same batch size, got ", x.size(0), " and ", y.size(0));
-  KX_CHECK(y.size(2) == x.size(2), "x and y must have the same embedding dim, got ", x.size(2), " and ", y.size(2));
-  for (auto [mask, t, name] : {std::make_tuple(&xm, &x, "x_mask"), std::make_tuple(&ym, &y, "y_mask")}) {
-    if (!mask->has_value()) continue;
-    const at::Tensor& mk = mask->value();
-    TORCH_CHECK_TYPE(mk.scalar_type() == at::kBool, "kxkernels: ", name, " must be bool, got ", mk.scalar_type());
-    KX_CHECK(mk.dim() == 2 && mk.size(0) == t->size(0) && mk.size(1) == t->size(1), name, " must have shape (",
-             t->size(0), ", ", t->size(1), "), got ", mk.sizes());
-    check_same_device(mk, *t, name, name[0] == 'x' ? "x" : "y");
-  }
-}
-
 template <typename T>
 Tokens<T> tokens_of(const at::Tensor& x, const c10::optional<at::Tensor>& mask) {
   Tokens<T> t{x.data_ptr<T>(), nullptr, x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2), 0, 0};
@@ -1061,11 +1019,9 @@ std::tuple<at::Tensor, at::Tensor> wrd_bwd_cpu(const at::Tensor& grad, const at:
                                                const c10::optional<at::Tensor>& y_mask, const at::Tensor& f,
                                                const at::Tensor& g, double eps) {
   check_tokens(x, y, x_mask, y_mask);
-  KX_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  check_bwd_eps(eps);
   const int64_t B = x.size(0), M = x.size(1), N = y.size(1), D = x.size(2);
-  KX_CHECK(grad.dim() == 1 && grad.size(0) == B, "grad must have shape (", B, ",), got ", grad.sizes());
-  KX_CHECK(f.dim() == 2 && f.size(0) == B && f.size(1) == M, "f must have shape (", B, ", ", M, ")");
-  KX_CHECK(g.dim() == 2 && g.size(0) == B && g.size(1) == N, "g must have shape (", B, ", ", N, ")");
+  check_potentials(grad, f, g, x, B, M, N);
   at::Tensor gx = new_output({B, M, D}, x.options()), gy = new_output({B, N, D}, y.options());
   KX_DISPATCH_FLOATING(x.scalar_type(), "wrd_bwd", [&] {
     using A = acc_t<scalar_t>;

@@ -4,20 +4,27 @@
 // this file needs a CUDA build of torch, so it is compiled only by a CUDA build.
 //
 // Differences from the CPU ops: float64 inputs are refused (float64 is CPU-only, for gradcheck);
-// a problem must fit in one block's shared memory; the `newton` flag is ignored (plain
-// log-domain Sinkhorn with the reference's schedule).
+// the `newton` flag is ignored (plain log-domain Sinkhorn with the reference's schedule).
+//
+// Launch policy (sk::plan_batch): each problem's real lengths are counted on the device (one
+// small copy to the host), problems are grouped by the block size and memory tier those lengths
+// need, and each group is launched with its own layout; groups that keep their matrices in a
+// global workspace run in launches of at most sk::kWorkspaceBytes of workspace.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // at::cuda::getCurrentCUDAStream, without ATen/cuda's cuBLAS headers
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <vector>
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/sinkhorn_checks.h"
 #include "common/output.h"
 #include "sinkhorn_kernel.cuh"
 
@@ -49,62 +56,16 @@ void check_cuda_float(const at::Tensor& t, const char* name) {
                    "gradcheck): cast it to float32 or run on the CPU");
 }
 
-void check_settings(double eps, int64_t max_iter, double tol) {
-  KX_CHECK(eps > 0 && std::isfinite(eps), "eps must be a finite number > 0, got ", eps);
-  KX_CHECK(max_iter >= 1, "max_iter must be >= 1, got ", max_iter);
-  KX_CHECK(tol > 0, "tol must be > 0, got ", tol);
-}
-
+// The shared checks (common/sinkhorn_checks.h) plus the CUDA dtype rule.
 void check_problem(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b) {
   check_cuda_float(cost, "cost");
-  check_dim(cost, 3, "cost");
-  check_dim(a, 2, "a");
-  check_dim(b, 2, "b");
-  check_same_device(cost, a, "cost", "a");
-  check_same_device(cost, b, "cost", "b");
-  KX_CHECK(a.scalar_type() == cost.scalar_type() && b.scalar_type() == cost.scalar_type(),
-           "a and b must have the dtype of cost (", cost.scalar_type(), "), got ", a.scalar_type(), " and ",
-           b.scalar_type());
-  KX_CHECK(a.size(0) == cost.size(0) && a.size(1) == cost.size(1), "a must have shape (", cost.size(0), ", ",
-           cost.size(1), "), got ", a.sizes());
-  KX_CHECK(b.size(0) == cost.size(0) && b.size(1) == cost.size(2), "b must have shape (", cost.size(0), ", ",
-           cost.size(2), "), got ", b.sizes());
+  check_problem_tensors(cost, a, b);
 }
 
-void check_tokens(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& xm,
-                  const std::optional<at::Tensor>& ym) {
+void check_cuda_tokens(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& xm,
+                       const std::optional<at::Tensor>& ym) {
   check_cuda_float(x, "x");
-  check_dim(x, 3, "x");
-  check_dim(y, 3, "y");
-  check_same_device(x, y, "x", "y");
-  KX_CHECK(y.scalar_type() == x.scalar_type(), "y must have the dtype of x (", x.scalar_type(), "), got ",
-           y.scalar_type());
-  KX_CHECK(y.size(0) == x.size(0), "x and y must have the same batch size, got ", x.size(0), " and ", y.size(0));
-  KX_CHECK(y.size(2) == x.size(2), "x and y must have the same embedding dim, got ", x.size(2), " and ",
-           y.size(2));
-  const std::optional<at::Tensor>* masks[2] = {&xm, &ym};
-  const at::Tensor* owners[2] = {&x, &y};
-  const char* names[2] = {"x_mask", "y_mask"};
-  for (int s = 0; s < 2; ++s) {
-    if (!masks[s]->has_value()) continue;
-    const at::Tensor& mk = masks[s]->value();
-    const at::Tensor& t = *owners[s];
-    TORCH_CHECK_TYPE(mk.scalar_type() == at::kBool, "kxkernels: ", names[s], " must be bool, got ",
-                     mk.scalar_type());
-    KX_CHECK(mk.dim() == 2 && mk.size(0) == t.size(0) && mk.size(1) == t.size(1), names[s],
-             " must have shape (", t.size(0), ", ", t.size(1), "), got ", mk.sizes());
-    check_same_device(mk, t, names[s], s == 0 ? "x" : "y");
-  }
-}
-
-void check_potentials(const at::Tensor& grad, const at::Tensor& f, const at::Tensor& g, const at::Tensor& like,
-                      int64_t B, int64_t M, int64_t N) {
-  KX_CHECK(grad.dim() == 1 && grad.size(0) == B, "grad must have shape (", B, ",), got ", grad.sizes());
-  KX_CHECK(f.dim() == 2 && f.size(0) == B && f.size(1) == M, "f must have shape (", B, ", ", M, ")");
-  KX_CHECK(g.dim() == 2 && g.size(0) == B && g.size(1) == N, "g must have shape (", B, ", ", N, ")");
-  check_same_device(grad, like, "grad", "the inputs");
-  check_same_device(f, like, "f", "the inputs");
-  check_same_device(g, like, "g", "the inputs");
+  check_tokens(x, y, xm, ym);
 }
 
 size_t smem_limit() {
@@ -112,17 +73,6 @@ size_t smem_limit() {
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   return size_t(bytes);
-}
-
-// A problem lives in one block's shared memory: refuse the ones that do not fit.
-sk::LaunchPlan plan_or_refuse(const char* op, int64_t M, int64_t N, bool tokens) {
-  const size_t limit = smem_limit();
-  const sk::LaunchPlan lp = sk::plan_launch(M, N, tokens, limit);
-  KX_CHECK(lp.smem <= limit, op, " on CUDA keeps a problem in one block's shared memory (cost and "
-           "kernel matrices, 8 bytes per entry, plus about 60 bytes per row and column): M=", M, ", N=", N,
-           " needs ", lp.smem, " bytes, above this device's ", limit, " bytes per block (128 x 128 fits on "
-           "sm_80 and sm_90). Run larger problems on the CPU.");
-  return lp;
 }
 
 template <typename Kernel, typename Args>
@@ -133,6 +83,49 @@ void launch(Kernel kernel, const Args& args, int64_t blocks, int threads, size_t
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   kernel<<<unsigned(blocks), threads, smem, at::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Real rows / columns of each problem, as the kernels' compaction counts them (masses > 0; for
+// WRD the mask, an upper bound of the non-zero-norm tokens), on the host.
+std::vector<int64_t> host_counts(const at::Tensor& c) {
+  const at::Tensor h = c.to(at::kLong).contiguous().cpu();
+  const int64_t* p = h.const_data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + h.numel());
+}
+
+std::vector<int64_t> token_counts(const std::optional<at::Tensor>& mask, int64_t B, int64_t L) {
+  if (!mask.has_value()) return std::vector<int64_t>(size_t(B), L);
+  return host_counts(mask->sum(1));
+}
+
+void check_index_range(const char* op, int64_t M, int64_t N) {
+  KX_CHECK(M * N < (int64_t(1) << 31), op, " on CUDA indexes a problem's matrices with 32-bit ints: M * N must "
+           "be below 2^31, got M=", M, ", N=", N);
+}
+
+// Every group of the batch plan, each in launches of sk::blocks_per_launch blocks:
+// make(layout, index (device, int32), workspace or null) gives the kernel's arguments.
+template <typename Kernel, typename Make>
+void launch_groups(const char* op, const std::vector<int64_t>& m, const std::vector<int64_t>& n, int64_t M,
+                   int64_t N, bool tokens, const at::TensorOptions& dev, Kernel kernel, Make make) {
+  const size_t limit = smem_limit();
+  const int64_t B = int64_t(m.size());
+  for (sk::Bucket& bk : sk::plan_batch(m.data(), n.data(), B, M, N, tokens, limit)) {
+    const sk::Layout& L = bk.L;
+    KX_CHECK(L.smem <= limit, op, " on CUDA: the cosine staging tiles (", L.smem, " bytes) do not fit this device's ",
+             limit, " bytes of shared memory per block");
+    const int64_t count = int64_t(bk.problems.size());
+    const at::Tensor index =
+        at::from_blob(bk.problems.data(), {count}, at::TensorOptions().dtype(at::kInt)).to(dev.dtype(at::kInt));
+    const int64_t per = sk::blocks_per_launch(L, count);
+    at::Tensor ws;
+    if (L.ws_floats > 0) ws = at::empty({per * L.ws_floats}, dev.dtype(at::kFloat));
+    for (int64_t s0 = 0; s0 < count; s0 += per) {
+      const int64_t nb = std::min(per, count - s0);
+      launch(kernel, make(L, index.const_data_ptr<int>() + s0, L.ws_floats > 0 ? mptr<float>(ws) : nullptr), nb,
+             L.threads, L.smem);
+    }
+  }
 }
 
 template <typename T>
@@ -153,20 +146,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_settings(eps, max_iter, tol);
   const c10::cuda::CUDAGuard guard(cost.device());
   const int64_t B = cost.size(0), M = cost.size(1), N = cost.size(2);
-  const sk::LaunchPlan lp = plan_or_refuse("sinkhorn", M, N, false);
+  check_index_range("sinkhorn", M, N);
   const auto f32 = cost.options().dtype(at::kFloat);
   at::Tensor value = new_output({B}, f32), dual = new_output({B}, f32), err = new_output({B}, f32);
   at::Tensor f = new_output({B, M}, f32), g = new_output({B, N}, f32);
   at::Tensor n_iter = new_output({B}, cost.options().dtype(at::kLong));
   at::Tensor plan = return_plan ? new_output({B, M, N}, cost.options()) : at::empty({0}, cost.options());
+  const std::vector<int64_t> m = host_counts((a > 0).sum(1)), n = host_counts((b > 0).sum(1));
   dispatch(cost.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    sk::SinkhornFwdArgs<T> P{cptr<T>(cost), cptr<T>(a), cptr<T>(b), M, N, cost.stride(0), cost.stride(1),
-                             cost.stride(2), a.stride(0), a.stride(1), b.stride(0), b.stride(1), eps, tol,
-                             max_iter, lp.mat, mptr<float>(value), mptr<float>(dual), mptr<float>(f),
-                             mptr<float>(g), mptr<float>(err), mptr<int64_t>(n_iter),
-                             return_plan ? mptr<T>(plan) : nullptr};
-    launch(sk::sinkhorn_fwd_kernel<T>, P, B, lp.threads, lp.smem);
+    launch_groups("sinkhorn", m, n, M, N, false, cost.options(), sk::sinkhorn_fwd_kernel<T>,
+                  [&](const sk::Layout& L, const int* index, float* ws) {
+                    return sk::SinkhornFwdArgs<T>{
+                        cptr<T>(cost), cptr<T>(a), cptr<T>(b), M, N, cost.stride(0), cost.stride(1),
+                        cost.stride(2), a.stride(0), a.stride(1), b.stride(0), b.stride(1), eps, tol, max_iter, L,
+                        index, ws, mptr<float>(value), mptr<float>(dual), mptr<float>(f), mptr<float>(g),
+                        mptr<float>(err), mptr<int64_t>(n_iter), return_plan ? mptr<T>(plan) : nullptr};
+                  });
   });
   return {value, dual, f, g, n_iter, err, plan};
 }
@@ -176,23 +172,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cuda(const at::Tenso
                                                                  const at::Tensor& f, const at::Tensor& g,
                                                                  double eps) {
   check_problem(cost, a, b);
-  KX_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  check_bwd_eps(eps);
   const int64_t B = cost.size(0), M = cost.size(1), N = cost.size(2);
   check_potentials(grad, f, g, cost, B, M, N);
   const c10::cuda::CUDAGuard guard(cost.device());
-  const size_t smem = sk::bwd_smem(M, N, nullptr, nullptr, nullptr, nullptr, nullptr, 0);
-  KX_CHECK(smem <= smem_limit(), "sinkhorn backward on CUDA keeps a problem's masses and potentials in "
-           "shared memory: M + N = ", M + N, " is too large for this device");
+  // masses and potentials in shared memory when they fit, else in a workspace slice per block
+  const size_t vec = sk::bwd_smem(M, N, nullptr, nullptr, nullptr, nullptr, nullptr, 0);
+  const bool global = vec > smem_limit();
+  const int64_t ws_floats =
+      global ? int64_t(sk::bwd_smem(M, N, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 16) / sizeof(float)) : 0;
+  const size_t smem = global ? 64 * sizeof(double) : vec;
+  const int64_t per = global ? std::max<int64_t>(1, std::min<int64_t>(B, sk::kWorkspaceBytes / (4 * ws_floats))) : B;
+  at::Tensor ws;
+  if (global) ws = at::empty({per * ws_floats}, cost.options().dtype(at::kFloat));
   at::Tensor gc = new_output({B, M, N}, cost.options());
   at::Tensor ga = new_output({B, M}, cost.options()), gb = new_output({B, N}, cost.options());
   const at::Tensor gr = grad.to(at::kFloat).contiguous();
   const at::Tensor fc = f.to(at::kFloat).contiguous(), gcn = g.to(at::kFloat).contiguous();
   dispatch(cost.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    sk::SinkhornBwdArgs<T> P{cptr<float>(gr), cptr<float>(fc), cptr<float>(gcn), cptr<T>(cost), cptr<T>(a),
-                             cptr<T>(b), M, N, cost.stride(0), cost.stride(1), cost.stride(2), a.stride(0),
-                             a.stride(1), b.stride(0), b.stride(1), eps, mptr<T>(gc), mptr<T>(ga), mptr<T>(gb)};
-    launch(sk::sinkhorn_bwd_kernel<T>, P, B, sk::kBwdThreads, smem);
+    for (int64_t s0 = 0; s0 < B; s0 += per) {
+      sk::SinkhornBwdArgs<T> P{cptr<float>(gr), cptr<float>(fc), cptr<float>(gcn), cptr<T>(cost), cptr<T>(a),
+                               cptr<T>(b), M, N, cost.stride(0), cost.stride(1), cost.stride(2), a.stride(0),
+                               a.stride(1), b.stride(0), b.stride(1), eps, mptr<T>(gc), mptr<T>(ga), mptr<T>(gb),
+                               s0, global ? mptr<float>(ws) : nullptr, ws_floats};
+      launch(sk::sinkhorn_bwd_kernel<T>, P, std::min(per, B - s0), sk::kBwdThreads, smem);
+    }
   });
   return {gc, ga, gb};
 }
@@ -200,21 +205,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cuda(const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wrd_fwd_cuda(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
     const std::optional<at::Tensor>& y_mask, double eps, int64_t max_iter, double tol, bool /*newton*/) {
-  check_tokens(x, y, x_mask, y_mask);
+  check_cuda_tokens(x, y, x_mask, y_mask);
   check_settings(eps, max_iter, tol);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), M = x.size(1), N = y.size(1);
-  const sk::LaunchPlan lp = plan_or_refuse("wrd", M, N, true);
+  check_index_range("wrd", M, N);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor value = new_output({B}, f32), dual = new_output({B}, f32), err = new_output({B}, f32);
   at::Tensor f = new_output({B, M}, f32), g = new_output({B, N}, f32);
   at::Tensor n_iter = new_output({B}, x.options().dtype(at::kLong));
+  const std::vector<int64_t> m = token_counts(x_mask, B, M), n = token_counts(y_mask, B, N);
   dispatch(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    sk::WrdFwdArgs<T> P{tokens_of<T>(x, x_mask), tokens_of<T>(y, y_mask), eps, tol, max_iter, lp.mat,
-                        mptr<float>(value), mptr<float>(dual), mptr<float>(f), mptr<float>(g), mptr<float>(err),
-                        mptr<int64_t>(n_iter)};
-    launch(sk::wrd_fwd_kernel<T>, P, B, lp.threads, lp.smem);
+    launch_groups("wrd", m, n, M, N, true, x.options(), sk::wrd_fwd_kernel<T>,
+                  [&](const sk::Layout& L, const int* index, float* ws) {
+                    return sk::WrdFwdArgs<T>{tokens_of<T>(x, x_mask), tokens_of<T>(y, y_mask), eps, tol, max_iter,
+                                             L, index, ws, mptr<float>(value), mptr<float>(dual), mptr<float>(f),
+                                             mptr<float>(g), mptr<float>(err), mptr<int64_t>(n_iter)};
+                  });
   });
   return {value, dual, f, g, n_iter, err};
 }
@@ -223,20 +231,24 @@ std::tuple<at::Tensor, at::Tensor> wrd_bwd_cuda(const at::Tensor& grad, const at
                                                 const std::optional<at::Tensor>& x_mask,
                                                 const std::optional<at::Tensor>& y_mask, const at::Tensor& f,
                                                 const at::Tensor& g, double eps) {
-  check_tokens(x, y, x_mask, y_mask);
-  KX_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  check_cuda_tokens(x, y, x_mask, y_mask);
+  check_bwd_eps(eps);
   const int64_t B = x.size(0), M = x.size(1), N = y.size(1), D = x.size(2);
   check_potentials(grad, f, g, x, B, M, N);
   const c10::cuda::CUDAGuard guard(x.device());
-  const sk::LaunchPlan lp = plan_or_refuse("wrd backward", M, N, true);
+  check_index_range("wrd backward", M, N);
   at::Tensor gx = new_output({B, M, D}, x.options()), gy = new_output({B, N, D}, y.options());
+  const std::vector<int64_t> m = token_counts(x_mask, B, M), n = token_counts(y_mask, B, N);
   const at::Tensor gr = grad.to(at::kFloat).contiguous();
   const at::Tensor fc = f.to(at::kFloat).contiguous(), gc = g.to(at::kFloat).contiguous();
   dispatch(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    sk::WrdBwdArgs<T> P{tokens_of<T>(x, x_mask), tokens_of<T>(y, y_mask), cptr<float>(gr), cptr<float>(fc),
-                        cptr<float>(gc), eps, lp.mat, mptr<T>(gx), mptr<T>(gy)};
-    launch(sk::wrd_bwd_kernel<T>, P, B, lp.threads, lp.smem);
+    launch_groups("wrd backward", m, n, M, N, true, x.options(), sk::wrd_bwd_kernel<T>,
+                  [&](const sk::Layout& L, const int* index, float* ws) {
+                    return sk::WrdBwdArgs<T>{tokens_of<T>(x, x_mask), tokens_of<T>(y, y_mask), cptr<float>(gr),
+                                             cptr<float>(fc), cptr<float>(gc), eps, L, index, ws, mptr<T>(gx),
+                                             mptr<T>(gy)};
+                  });
   });
   return {gx, gy};
 }

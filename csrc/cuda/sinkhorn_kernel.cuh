@@ -11,9 +11,15 @@
 //
 // Design: one thread block per problem. The problem's padding (zero-mass rows/columns, masked or
 // zero-norm tokens) is dropped first (block-wide compaction), so a block solves a dense m x n
-// problem held in dynamic shared memory: the cost C and the scaled kernel K (float each, row
-// stride ldk), potentials and masses. Each block stops on its own when its error is below tol.
+// problem: the cost C and the scaled kernel K (float each, row stride ldk), potentials and masses.
+// Each block stops on its own when its error is below tol.
 //
+// Any size (plan_batch, the glue's policy): a problem whose C and K fit in one block's shared
+// memory keeps them there; a larger one keeps them in a global-memory workspace slice of its
+// block (tier kGlobalMat, every sweep reads them through L2), and past that the vectors go there
+// too (kGlobalAll): same code, same results. Problems are grouped by the block size and tier
+// their own real lengths need, so a 10 x 10 pair in a batch padded to 512 runs in a 64-thread
+// block with a few KB of shared memory, beside the 512 x 512 pairs in 256-thread blocks.
 // Precision (float32, as on the CPU): the exponent (f_i + g_j - C_ij) / eps is a difference of
 // numbers far larger than eps, so the potentials live in two parts -- F, G (double, cost units)
 // folded into K_ij = (C_ij - F_i - G_j) / eps, and small offsets u, v (float, units of eps) that
@@ -32,34 +38,39 @@
 // ldk is an odd multiple of G (when the room is there), which makes both half-sweeps' shared
 // memory accesses bank-conflict free.
 //
-// Size limit: a block needs 8 M N bytes (C and K) + about 60 (M + N) + 1 KB of shared memory for
-// padded sizes M x N (plus row padding when it fits; the cosine tiles of WRD stage in the K
-// region, at least 8.4-17 KB by block size): M = N = 128 fits the 163 KB of an sm_80 block, 165
-// the 227 KB of sm_90. The glue refuses larger problems (plan_launch against the device limit).
+// Shared memory (kShared): 8 m n bytes (C and K) + about 60 (m + n) + 1 KB for compacted sizes
+// m x n (plus row padding when it fits; the cosine tiles of WRD stage in the K region, at least
+// 8.4-17 KB by block size): m = n = 128 fits the 163 KB of an sm_80 block, 165 the 227 KB of
+// sm_90. Past that, the workspace tiers; indices are int, so m n < 2^31 (the glue checks).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <vector>  // host-side batch plan
+
+#include "../common/sinkhorn_schedule.h"
+
 namespace kx {
 namespace sinkhorn_cuda {
 
-// ---- schedule: the same numbers as kxkernels/ops/sinkhorn/reference.py --------------------------
-constexpr double kEpsRatio = 0.25;   // eps_{k+1} = max(kEpsRatio * eps_k, eps)
-constexpr int kStageSweeps = 2;      // sweeps per intermediate eps at most ...
-constexpr double kStageTol = 0.1;    // ... fewer once the marginal error is below this
-constexpr float kOmega = 1.8f;       // over-relaxation at the final eps
+// ---- schedule: common/sinkhorn_schedule.h (the CPU kernel and the reference read it too) ---------
+using sinkhorn_schedule::kEpsRatio;
+using sinkhorn_schedule::kStageSweeps;
+using sinkhorn_schedule::kStageTol;
+constexpr float kOmega = float(sinkhorn_schedule::kOmega);
 // ---- numerics (csrc/cpu/sinkhorn.cpp) ------------------------------------------------------------
 constexpr float kAbsorbAbove = 4.0f;               // fold offsets |u|, |v| above this into F, G
 constexpr float kSumMin = 1e-30f, kSumMax = 1e30f; // stabilized sums outside: exact logsumexp
 constexpr float kFloatMax = 3.402823466e38f;       // err of a non-finite marginal
 // ---- launch shape ------------------------------------------------------------------------------
 constexpr int kMaxThreads = 256;     // blocks have 64, 128 or 256 threads (block_threads)
-// Registers: the forward kernels at <= 80 (3 blocks of 256 threads an SM, about what shared memory
-// allows for 64 x 64 problems; ptxas of CUDA 13 spills 4 bytes of wrd_fwd on sm_80, none
-// elsewhere); wrd_bwd's 4-token x 64-dim tiles take up to 128.
-constexpr int kFwdMinBlocks = 3, kWrdBwdMinBlocks = 2;
+// Registers: sinkhorn_fwd at <= 80 (3 blocks of 256 threads an SM, about what shared memory
+// allows for 64 x 64 problems; ptxas of CUDA 13 spills 36 bytes of it on sm_90, none on sm_80);
+// wrd_fwd (cosine tiles plus the tiered layout: 88 bytes spilled on sm_80 at 80) and wrd_bwd
+// (4-token x 64-dim tiles) up to 128, spilling nothing.
+constexpr int kFwdMinBlocks = 3, kWrdFwdMinBlocks = 2, kWrdBwdMinBlocks = 2;
 constexpr int kChunk = 32;           // embedding dims staged per step of the cosine tiles
 constexpr int kTileJ = 64;           // y tokens per cosine tile (x tokens: threads / 16 * 4)
 constexpr int kRowPad = 15;          // ldk <= n + 2 G - 1: room for G <= 8 (G = 16 where it fits)
@@ -83,7 +94,8 @@ __host__ __device__ inline int64_t stage_floats(int threads) {
 struct Smem {
   double *F, *G;          // absorbed potentials, cost units (M, N)
   double* red;            // 2 x 32 block-reduction partials (double-buffered)
-  float *C, *K;           // cost, scaled kernel (m x ldk each); K also stages cosine tiles / holds T
+  float *C, *K;           // cost, scaled kernel (m x ldk each); K holds T in wrd_bwd
+  float* stage;           // cosine tiles of WRD: the K region in shared memory, else its own room
   float *u, *a, *la, *ls, *nx, *ix;  // row side: offsets, masses, log masses, log row sums,
                                      // token norms (original order), inverse norms (compact)
   float *v, *b, *lb, *lt, *ny, *iy;  // column side
@@ -91,71 +103,161 @@ struct Smem {
   int* scan;              // 2 x 32 compaction counts
 };
 
+// Carves 16-byte aligned arrays from two regions: shared memory and a global workspace slice.
+// (Scalar offsets, no reference to one of two carvers: that would put them in local memory.)
 struct Carver {
-  uintptr_t base;
-  size_t off;
+  uintptr_t sbase, gbase;
+  size_t soff, goff;
   template <typename T>
-  __host__ __device__ T* take(int64_t count) {
-    T* p = reinterpret_cast<T*>(base + off);
-    off += (size_t(count) * sizeof(T) + 15) & ~size_t(15);
+  __host__ __device__ T* take(bool global, int64_t count) {
+    const size_t bytes = (size_t(count) * sizeof(T) + 15) & ~size_t(15);
+    T* p;
+    if (global) {
+      p = reinterpret_cast<T*>(gbase + goff);
+      goff += bytes;
+    } else {
+      p = reinterpret_cast<T*>(sbase + soff);
+      soff += bytes;
+    }
     return p;
   }
 };
 
-// Lays out the shared memory at `base` into *s (when s is given); returns the bytes it needs.
-// `mat`: floats of each of the C and K regions.
-__host__ __device__ inline size_t carve(uintptr_t base, int64_t M, int64_t N, int64_t mat, Smem* s) {
-  Carver c{base, 0};
-  Smem t;
-  t.F = c.take<double>(M);
-  t.G = c.take<double>(N);
-  t.red = c.take<double>(64);
-  t.C = c.take<float>(mat);
-  t.K = c.take<float>(mat);
-  t.u = c.take<float>(M); t.a = c.take<float>(M); t.la = c.take<float>(M);
-  t.ls = c.take<float>(M); t.nx = c.take<float>(M); t.ix = c.take<float>(M);
-  t.v = c.take<float>(N); t.b = c.take<float>(N); t.lb = c.take<float>(N);
-  t.lt = c.take<float>(N); t.ny = c.take<float>(N); t.iy = c.take<float>(N);
-  t.ri = c.take<int>(M);
-  t.cj = c.take<int>(N);
-  t.scan = c.take<int>(64);
-  if (s != nullptr) *s = t;
-  return c.off;
-}
+// Where a block keeps its problem. kShared: everything in dynamic shared memory (the fast path).
+// kGlobalMat: the C and K matrices in a global-memory workspace (one slice per block, read by
+// every sweep through L2/L1), vectors in shared memory. kGlobalAll: vectors in the workspace too;
+// shared memory holds only the reduction partials and the cosine staging tiles. The sweeps are
+// the same code in every tier (__syncthreads orders global as well as shared accesses within a
+// block), so the tiers give the same results.
+enum Tier : int { kShared = 0, kGlobalMat = 1, kGlobalAll = 2 };
 
-struct LaunchPlan {
-  int threads;
-  int64_t mat;   // floats of each matrix region (kernel argument)
-  size_t smem;   // dynamic shared memory bytes; > limit: the problem does not fit
+// One launch's layout: rows/columns the compacted problem may have (mc <= M, nc <= N: the
+// largest real lengths of the problems it runs), floats of each matrix region, tier, bytes.
+struct Layout {
+  int64_t mc, nc, mat, stage;
+  int tier, threads;
+  size_t smem;        // dynamic shared memory bytes
+  int64_t ws_floats;  // workspace floats per block (a multiple of 4; 0 for kShared)
 };
 
-// Forward kernels and wrd_bwd (`tokens`: the cosine tiles need staging room). Room for the
-// bank-conflict padding of the rows when it fits under `limit`, else the bare M x N.
-__host__ inline LaunchPlan plan_launch(int64_t M, int64_t N, bool tokens, size_t limit) {
-  LaunchPlan lp;
-  lp.threads = block_threads(M, N);
-  const int64_t stage = tokens ? stage_floats(lp.threads) : 0;
+// Lays out a block's memory into *s (when s is given): shared memory at `sbase`, the workspace
+// slice at `gbase` (unused for kShared). M, N: the padded lengths (token norms are kept in the
+// original order). Sets L->smem and L->ws_floats when `L_out` is given.
+__host__ __device__ inline void carve(uintptr_t sbase, uintptr_t gbase, int64_t M, int64_t N, const Layout& L,
+                                      Smem* s, size_t* smem_bytes = nullptr, int64_t* ws_floats = nullptr) {
+  Carver c{sbase, gbase, 0, 0};
+  const bool vec = L.tier == kGlobalAll, mat = L.tier != kShared;  // in the workspace?
+  Smem t;
+  t.F = c.take<double>(vec, L.mc);
+  t.G = c.take<double>(vec, L.nc);
+  t.red = c.take<double>(false, 64);
+  t.C = c.take<float>(mat, L.mat);
+  t.K = c.take<float>(mat, L.mat);
+  t.stage = mat ? c.take<float>(false, L.stage) : t.K;
+  t.u = c.take<float>(vec, L.mc); t.a = c.take<float>(vec, L.mc); t.la = c.take<float>(vec, L.mc);
+  t.ls = c.take<float>(vec, L.mc); t.nx = c.take<float>(vec, M); t.ix = c.take<float>(vec, L.mc);
+  t.v = c.take<float>(vec, L.nc); t.b = c.take<float>(vec, L.nc); t.lb = c.take<float>(vec, L.nc);
+  t.lt = c.take<float>(vec, L.nc); t.ny = c.take<float>(vec, N); t.iy = c.take<float>(vec, L.nc);
+  t.ri = c.take<int>(vec, L.mc);
+  t.cj = c.take<int>(vec, L.nc);
+  t.scan = c.take<int>(false, 64);
+  if (s != nullptr) *s = t;
+  if (smem_bytes != nullptr) *smem_bytes = c.soff;
+  if (ws_floats != nullptr) *ws_floats = mat ? int64_t(c.goff / sizeof(float)) : 0;
+}
+
+// The layout for problems of at most mc x nc real rows/columns in an M x N padded batch, under a
+// shared memory limit of `limit` bytes per block: the first tier that fits, with room for the
+// bank-conflict padding of the rows when it fits. `threads` > 0 overrides the block size (tests).
+__host__ inline Layout plan_layout(int64_t M, int64_t N, int64_t mc, int64_t nc, bool tokens, size_t limit,
+                                   int threads = 0) {
+  Layout L;
+  L.mc = mc > 0 ? mc : 1;
+  L.nc = nc > 0 ? nc : 1;
+  L.threads = threads > 0 ? threads : block_threads(L.mc, L.nc);
+  L.stage = tokens ? stage_floats(L.threads) : 0;
   const int64_t pads[2] = {kRowPad, 0};
-  for (int i = 0; i < 2; ++i) {
-    lp.mat = M * (N + pads[i]);
-    if (lp.mat < stage) lp.mat = stage;
-    lp.smem = carve(0, M, N, lp.mat, nullptr);
-    if (lp.smem <= limit) break;
+  for (int tier = kShared; tier <= kGlobalAll; ++tier) {
+    for (int i = 0; i < 2; ++i) {
+      L.tier = tier;
+      L.mat = L.mc * (L.nc + pads[i]);
+      if (tier == kShared && L.mat < L.stage) L.mat = L.stage;
+      carve(0, 0, M, N, L, nullptr, &L.smem, &L.ws_floats);
+      if (L.smem <= limit) return L;
+      if (tier != kShared) break;  // padding costs no shared memory there
+    }
   }
-  return lp;
+  return L;  // kGlobalAll past the limit: only when the staging tiles alone do not fit
+}
+
+// A group of problems launched together (the same layout): their indices in the batch.
+struct Bucket {
+  Layout L;
+  std::vector<int> problems;
+};
+
+// The glue's batch policy, shared with the tests: problems are grouped by the block size their
+// own real lengths m[p] x n[p] call for and by the tier they need on their own, so a short pair
+// in a batch padded for long ones gets a small block and shared memory; each group runs with the
+// layout of its largest lengths. Problems with no mass go with the smallest group (they exit
+// at once).
+__host__ inline std::vector<Bucket> plan_batch(const int64_t* m, const int64_t* n, int64_t B, int64_t M, int64_t N,
+                                               bool tokens, size_t limit, int threads = 0) {
+  std::vector<Bucket> out;
+  std::vector<int> key(size_t(B > 0 ? B : 0));
+  std::vector<int64_t> mx(9, 0), nx(9, 0);
+  std::vector<std::vector<int>> groups(9);
+  for (int64_t p = 0; p < B; ++p) {
+    int k = -1;
+    if (m[p] > 0 && n[p] > 0) {
+      const Layout one = plan_layout(M, N, m[p], n[p], tokens, limit, threads);
+      const int t = one.threads == 64 ? 0 : (one.threads == 128 ? 1 : 2);
+      k = 3 * one.tier + t;
+    }
+    key[size_t(p)] = k;
+  }
+  int smallest = -1;
+  for (int64_t p = 0; p < B; ++p)
+    if (key[size_t(p)] >= 0 && (smallest < 0 || key[size_t(p)] < smallest)) smallest = key[size_t(p)];
+  if (smallest < 0) smallest = 0;
+  for (int64_t p = 0; p < B; ++p) {
+    const int k = key[size_t(p)] >= 0 ? key[size_t(p)] : smallest;
+    groups[size_t(k)].push_back(int(p));
+    if (m[p] > mx[size_t(k)]) mx[size_t(k)] = m[p];
+    if (n[p] > nx[size_t(k)]) nx[size_t(k)] = n[p];
+  }
+  for (int k = 0; k < 9; ++k) {
+    if (groups[size_t(k)].empty()) continue;
+    Bucket b;
+    b.L = plan_layout(M, N, mx[size_t(k)], nx[size_t(k)], tokens, limit, threads);
+    b.problems = std::move(groups[size_t(k)]);
+    out.push_back(std::move(b));
+  }
+  return out;
+}
+
+// Workspace the glue allocates at most per launch; a group needing more runs in several launches.
+constexpr int64_t kWorkspaceBytes = int64_t(1) << 30;
+__host__ inline int64_t blocks_per_launch(const Layout& L, int64_t count) {
+  if (L.ws_floats == 0) return count;
+  const int64_t fit = kWorkspaceBytes / (L.ws_floats * int64_t(sizeof(float)));
+  const int64_t c = fit > 0 ? fit : 1;
+  return c < count ? c : count;
 }
 
 // sinkhorn_bwd: masses and potentials of one problem.
+// `base`: shared memory, or (gbase != 0) the block's workspace slice, `red` staying in shared memory.
 __host__ __device__ inline size_t bwd_smem(int64_t M, int64_t N, double** red, float** an, float** fv,
-                                           float** bn, float** gv, uintptr_t base) {
-  Carver c{base, 0};
-  double* r = c.take<double>(64);
-  float* a = c.take<float>(M);
-  float* f = c.take<float>(M);
-  float* b = c.take<float>(N);
-  float* g = c.take<float>(N);
+                                           float** bn, float** gv, uintptr_t base, uintptr_t gbase = 0) {
+  Carver c{base, gbase, 0, 0};
+  const bool ws = gbase != 0;
+  double* r = c.take<double>(false, 64);
+  float* a = c.take<float>(ws, M);
+  float* f = c.take<float>(ws, M);
+  float* b = c.take<float>(ws, N);
+  float* g = c.take<float>(ws, N);
   if (red != nullptr) { *red = r; *an = a; *fv = f; *bn = b; *gv = g; }
-  return c.off;
+  return ws ? c.goff : c.soff;  // with gbase: the workspace bytes (the shared part is 512 bytes)
 }
 constexpr int kBwdThreads = 256;
 
@@ -166,7 +268,10 @@ struct SinkhornFwdArgs {
   const T *cost, *a, *b;
   int64_t M, N, cs0, cs1, cs2, as0, as1, bs0, bs1;
   double eps, tol;
-  int64_t max_iter, mat;
+  int64_t max_iter;
+  Layout L;
+  const int* index;  // problem of each block (null: blockIdx.x)
+  float* ws;         // workspace, L.ws_floats per block (null for kShared)
   float *value, *dual, *f, *g, *err;
   int64_t* n_iter;
   T* plan;  // null: not requested
@@ -179,6 +284,9 @@ struct SinkhornBwdArgs {
   int64_t M, N, cs0, cs1, cs2, as0, as1, bs0, bs1;
   double eps;
   T *grad_cost, *grad_a, *grad_b;  // (B, M, N), (B, M), (B, N) contiguous
+  int64_t first;      // problem of block 0
+  float* ws;          // null: vectors in shared memory; else ws_floats per block
+  int64_t ws_floats;
 };
 
 // Tokens of one side of WRD: x (B, L, D) strided, mask (B, L) bool or null (every token real).
@@ -193,7 +301,10 @@ template <typename T>
 struct WrdFwdArgs {
   Tokens<T> X, Y;
   double eps, tol;
-  int64_t max_iter, mat;
+  int64_t max_iter;
+  Layout L;
+  const int* index;
+  float* ws;
   float *value, *dual, *f, *g, *err;
   int64_t* n_iter;
 };
@@ -203,7 +314,9 @@ struct WrdBwdArgs {
   Tokens<T> X, Y;
   const float *grad, *f, *g;  // contiguous
   double eps;
-  int64_t mat;
+  Layout L;
+  const int* index;
+  float* ws;
   T *grad_x, *grad_y;         // (B, M, D), (B, N, D) contiguous
 };
 
@@ -586,13 +699,19 @@ __device__ void solve_and_finish(const Smem& s, Block& blk, const Dims& d, doubl
   }
 }
 
+// The problem block blockIdx.x solves, and its memory laid out per the launch's layout.
+__device__ inline int64_t setup_block(const int* index, float* ws, int64_t M, int64_t N, const Layout& L, Smem* s) {
+  float* slice = ws != nullptr ? ws + int64_t(blockIdx.x) * L.ws_floats : nullptr;
+  carve(reinterpret_cast<uintptr_t>(KX_DYNAMIC_SMEM()), reinterpret_cast<uintptr_t>(slice), M, N, L, s);
+  return index != nullptr ? int64_t(index[blockIdx.x]) : int64_t(blockIdx.x);
+}
+
 // ---- sinkhorn_fwd: one block per problem -----------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks) sinkhorn_fwd_kernel(const SinkhornFwdArgs<T> P) {
   Smem s;
-  carve(reinterpret_cast<uintptr_t>(KX_DYNAMIC_SMEM()), P.M, P.N, P.mat, &s);
+  const int64_t p = setup_block(P.index, P.ws, P.M, P.N, P.L, &s);
   Block blk(s);
-  const int64_t p = blockIdx.x;
   const int M = int(P.M), N = int(P.N);
   const Out o{P.value + p, P.dual + p, P.err + p, P.f + p * P.M, P.g + p * P.N, P.n_iter + p};
   for (int i = threadIdx.x; i < M; i += blockDim.x) o.f[i] = 0.0f;
@@ -603,17 +722,19 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks) sinkhorn_fwd_kerne
 
   const T* ap = P.a + p * P.as0;
   const T* bp = P.b + p * P.bs0;
+  const int mc = int(P.L.mc), nc = int(P.L.nc);
   const int m = blk.compact(
       M, [&](int i) { return to_float(ap[i * P.as1]) > 0.0f; },
-      [&](int pos, int i) { s.ri[pos] = i; s.a[pos] = to_float(ap[i * P.as1]); });
+      [&](int pos, int i) { if (pos < mc) { s.ri[pos] = i; s.a[pos] = to_float(ap[i * P.as1]); } });
   const int n = blk.compact(
       N, [&](int j) { return to_float(bp[j * P.bs1]) > 0.0f; },
-      [&](int pos, int j) { s.cj[pos] = j; s.b[pos] = to_float(bp[j * P.bs1]); });
+      [&](int pos, int j) { if (pos < nc) { s.cj[pos] = j; s.b[pos] = to_float(bp[j * P.bs1]); } });
+  if (m > mc || n > nc) return not_finite(o);  // more real rows than the glue counted: never silent
   if (m == 0 || n == 0) return no_mass(o, m == 0 && n == 0);
   normalize(s.a, s.la, m, blk);
   normalize(s.b, s.lb, n, blk);
 
-  const Dims d = make_dims(m, n, lanes_per_row(m, n), P.mat);
+  const Dims d = make_dims(m, n, lanes_per_row(m, n), P.L.mat);
   const T* cp = P.cost + p * P.cs0;
   for (int e = threadIdx.x; e < m * n; e += blockDim.x) {
     const int k = e / n, l = e - k * n;
@@ -630,12 +751,14 @@ template <typename T>
 __global__ void __launch_bounds__(kBwdThreads) sinkhorn_bwd_kernel(const SinkhornBwdArgs<T> P) {
   double* red;
   float *an, *fv, *bn, *gw;
-  bwd_smem(P.M, P.N, &red, &an, &fv, &bn, &gw, reinterpret_cast<uintptr_t>(KX_DYNAMIC_SMEM()));
+  float* slice = P.ws != nullptr ? P.ws + int64_t(blockIdx.x) * P.ws_floats : nullptr;
+  bwd_smem(P.M, P.N, &red, &an, &fv, &bn, &gw, reinterpret_cast<uintptr_t>(KX_DYNAMIC_SMEM()),
+           reinterpret_cast<uintptr_t>(slice));
   Smem s;
   s.red = red;
   s.scan = nullptr;
   Block blk(s);
-  const int64_t p = blockIdx.x, M = P.M, N = P.N;
+  const int64_t p = P.first + int64_t(blockIdx.x), M = P.M, N = P.N;
   const float gv = P.grad[p];
   const T* ap = P.a + p * P.as0;
   const T* bp = P.b + p * P.bs0;
@@ -714,19 +837,24 @@ __device__ bool token_norms(const Tokens<T>& X, int64_t p, float* nrm, Block& bl
 }
 
 // Real tokens (mask true, norm > 0) of both sides, compacted: ri/cj, raw masses (norms) in a/b,
-// inverse norms in ix/iy. Returns false when a real token is not finite.
+// inverse norms in ix/iy. Returns false when a real token is not finite (or, which the glue's
+// count rules out, a side has more real tokens than the capacity mc / nc).
 template <typename T>
 __device__ bool gather_tokens(const Smem& s, Block& blk, const Tokens<T>& X, const Tokens<T>& Y, int64_t p,
-                              int* m, int* n) {
+                              int mc, int nc, int* m, int* n) {
   const bool bad_x = token_norms(X, p, s.nx, blk);
   const bool bad_y = token_norms(Y, p, s.ny, blk);
   *m = blk.compact(
       int(X.L), [&](int i) { return s.nx[i] > 0.0f; },
-      [&](int pos, int i) { s.ri[pos] = i; s.a[pos] = s.nx[i]; s.ix[pos] = float(1.0 / double(s.nx[i])); });
+      [&](int pos, int i) {
+        if (pos < mc) { s.ri[pos] = i; s.a[pos] = s.nx[i]; s.ix[pos] = float(1.0 / double(s.nx[i])); }
+      });
   *n = blk.compact(
       int(Y.L), [&](int j) { return s.ny[j] > 0.0f; },
-      [&](int pos, int j) { s.cj[pos] = j; s.b[pos] = s.ny[j]; s.iy[pos] = float(1.0 / double(s.ny[j])); });
-  return !(bad_x || bad_y);
+      [&](int pos, int j) {
+        if (pos < nc) { s.cj[pos] = j; s.b[pos] = s.ny[j]; s.iy[pos] = float(1.0 / double(s.ny[j])); }
+      });
+  return !(bad_x || bad_y) && *m <= mc && *n <= nc;  // past the capacity: never silent
 }
 
 // C_kl = 1 - <x_k, y_l> / (|x_k| |y_l|) over the compacted tokens: tiles of (threads / 16 * 4) x 64
@@ -735,8 +863,8 @@ template <typename T>
 __device__ void cosine_cost(const Smem& s, const Dims& d, const Tokens<T>& X, const Tokens<T>& Y, int64_t p) {
   constexpr int ld = kChunk + 1;  // odd: the staged rows are read across lanes conflict-free
   const int TI = int(blockDim.x) / 16 * 4;
-  float* xs = s.K;
-  float* ys = s.K + TI * ld;
+  float* xs = s.stage;
+  float* ys = s.stage + TI * ld;
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const T* xp = X.x + p * X.s0;
   const T* yp = Y.x + p * Y.s0;
@@ -779,21 +907,20 @@ __device__ void cosine_cost(const Smem& s, const Dims& d, const Tokens<T>& X, co
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks) wrd_fwd_kernel(const WrdFwdArgs<T> P) {
+__global__ void __launch_bounds__(kMaxThreads, kWrdFwdMinBlocks) wrd_fwd_kernel(const WrdFwdArgs<T> P) {
   Smem s;
   const int64_t M = P.X.L, N = P.Y.L;
-  carve(reinterpret_cast<uintptr_t>(KX_DYNAMIC_SMEM()), M, N, P.mat, &s);
+  const int64_t p = setup_block(P.index, P.ws, M, N, P.L, &s);
   Block blk(s);
-  const int64_t p = blockIdx.x;
   const Out o{P.value + p, P.dual + p, P.err + p, P.f + p * M, P.g + p * N, P.n_iter + p};
   for (int i = threadIdx.x; i < M; i += blockDim.x) o.f[i] = 0.0f;
   for (int j = threadIdx.x; j < N; j += blockDim.x) o.g[j] = 0.0f;
   int m, n;
-  if (!gather_tokens(s, blk, P.X, P.Y, p, &m, &n)) return not_finite(o);
+  if (!gather_tokens(s, blk, P.X, P.Y, p, int(P.L.mc), int(P.L.nc), &m, &n)) return not_finite(o);
   if (m == 0 || n == 0) return no_mass(o, m == 0 && n == 0);
   normalize(s.a, s.la, m, blk);
   normalize(s.b, s.lb, n, blk);
-  const Dims d = make_dims(m, n, lanes_per_row(m, n), P.mat);
+  const Dims d = make_dims(m, n, lanes_per_row(m, n), P.L.mat);
   cosine_cost(s, d, P.X, P.Y, p);
   solve_and_finish(s, blk, d, P.eps, P.max_iter, P.tol, o, static_cast<float*>(nullptr), N);
 }
@@ -854,18 +981,17 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxThreads, kWrdBwdMinBlocks) wrd_bwd_kernel(const WrdBwdArgs<T> P) {
   Smem s;
   const int64_t M = P.X.L, N = P.Y.L, D = P.X.D;
-  carve(reinterpret_cast<uintptr_t>(KX_DYNAMIC_SMEM()), M, N, P.mat, &s);
+  const int64_t p = setup_block(P.index, P.ws, M, N, P.L, &s);
   Block blk(s);
-  const int64_t p = blockIdx.x;
   int m, n;
-  const bool finite = gather_tokens(s, blk, P.X, P.Y, p, &m, &n);
+  const bool finite = gather_tokens(s, blk, P.X, P.Y, p, int(P.L.mc), int(P.L.nc), &m, &n);
   const bool dead = !finite || m == 0 || n == 0;
   zero_rows(P.grad_x, p, M, D, s.nx, dead);
   zero_rows(P.grad_y, p, N, D, s.ny, dead);
   if (dead) return;
   const double sx = normalize(s.a, s.la, m, blk);
   const double sy = normalize(s.b, s.lb, n, blk);
-  const Dims d = make_dims(m, n, 1, P.mat);  // odd ldk: T read along rows and along columns
+  const Dims d = make_dims(m, n, 1, P.L.mat);  // odd ldk: T read along rows and along columns
   cosine_cost(s, d, P.X, P.Y, p);
   const float* fp = P.f + p * M;
   const float* gp = P.g + p * N;

@@ -57,8 +57,11 @@ def _read(d, name, dtype, shape):
 
 
 class SinkhornEmu:
-    def __init__(self, exe: str, threads: int | None = None, seed: int = 1, smem_limit: int | None = None):
+    def __init__(self, exe: str, threads: int | None = None, seed: int = 1, smem_limit: int | None = None,
+                 ws_blocks: int | None = None):
         self.exe, self.threads, self.seed, self.smem_limit = exe, threads, seed, smem_limit
+        self.ws_blocks = ws_blocks  # cap on blocks per launch of a workspace group (several launches)
+        self.groups = []  # the last call's launch groups: (threads, tier, mc, nc, count) each
 
     def _run(self, op, dtype, tensors, meta):
         if dtype not in DTYPE_NAMES:
@@ -68,6 +71,8 @@ class SinkhornEmu:
             meta["threads"] = self.threads
         if self.smem_limit is not None:
             meta["smem_limit"] = self.smem_limit
+        if self.ws_blocks is not None:
+            meta["ws_blocks"] = self.ws_blocks
         meta["seed"] = self.seed
         d = tempfile.mkdtemp(prefix="kx_emu_")
         try:
@@ -77,6 +82,7 @@ class SinkhornEmu:
                 for k, v in meta.items():
                     f.write(f"{k} {float(v)!r}\n")
             r = subprocess.run([self.exe, op, DTYPE_NAMES[dtype], d], capture_output=True, text=True)
+            self.groups = [tuple(int(v) for v in line.split()) for line in r.stdout.splitlines() if line.strip()]
             if r.returncode != 0:
                 raise RuntimeError(f"{op} ({DTYPE_NAMES[dtype]}) under the emulator failed "
                                    f"(rc {r.returncode}): {r.stderr.strip()}")

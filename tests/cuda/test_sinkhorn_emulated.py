@@ -345,27 +345,35 @@ def test_wrd_bwd(emu, dtype):
         close(gy, cy, atol, rtol, "grad_y vs CPU op")
 
 
-def test_launch_policy_limits(emu):
-    """128 x 128 fits in an sm_80 block (163 KB), 165 x 165 in an sm_90 block (227 KB); the
-    shared memory plan is what the glue refuses past the device limit."""
+SM80, SM90 = 163 * 1024, 227 * 1024  # opt-in shared memory per block
+
+
+def plan(emu, M, N, tokens, limit):
+    """The layout of one M x N problem: (threads, mat, smem, tier, ws_floats)."""
     import subprocess
     import tempfile
 
-    def plan(M, N, tokens, limit):
-        with tempfile.TemporaryDirectory() as d:
-            with open(os.path.join(d, "meta.txt"), "w") as fh:
-                fh.write(f"B 1\nM {M}\nN {N}\ntokens {int(tokens)}\nsmem_limit {limit}\n")
-            r = subprocess.run([emu.exe, "plan", "float32", d], capture_output=True, text=True, check=True)
-            threads, mat, smem = (int(v) for v in r.stdout.split())
-            return threads, mat, smem
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "meta.txt"), "w") as fh:
+            fh.write(f"B 1\nM {M}\nN {N}\ntokens {int(tokens)}\nsmem_limit {limit}\n")
+        r = subprocess.run([emu.exe, "plan", "float32", d], capture_output=True, text=True, check=True)
+        return tuple(int(v) for v in r.stdout.split())
 
-    sm80, sm90 = 163 * 1024, 227 * 1024
+
+def test_launch_policy_limits(emu):
+    """128 x 128 stays in an sm_80 block's shared memory (163 KB), 165 x 165 in an sm_90 block's
+    (227 KB); past that the matrices go to the global workspace (tier 1), and past what the
+    vectors leave, everything but the reduction partials and staging tiles (tier 2)."""
     for tokens in (False, True):
-        assert plan(128, 128, tokens, sm80)[2] <= sm80
-        assert plan(165, 165, tokens, sm90)[2] <= sm90
-        assert plan(170, 170, tokens, sm90)[2] > sm90
-    threads, mat, smem = plan(64, 64, True, sm90)
-    assert threads == 256 and mat >= 64 * 64
+        assert plan(emu, 128, 128, tokens, SM80)[2:4] <= (SM80, 0)
+        assert plan(emu, 128, 128, tokens, SM80)[3] == 0
+        assert plan(emu, 165, 165, tokens, SM90)[3] == 0
+        t, mat, smem, tier, ws = plan(emu, 170, 170, tokens, SM90)
+        assert tier == 1 and smem <= SM90 and ws >= 2 * 170 * 170
+        t, mat, smem, tier, ws = plan(emu, 4000, 4000, tokens, SM80)
+        assert tier == 2 and smem <= 20 * 1024 and ws >= 2 * 4000 * 4000
+    threads, mat, smem, tier, ws = plan(emu, 64, 64, True, SM90)
+    assert threads == 256 and mat >= 64 * 64 and tier == 0 and ws == 0
 
 
 def test_kernel_runs_at_its_shared_memory_bound(emu):
@@ -375,3 +383,84 @@ def test_kernel_runs_at_its_shared_memory_bound(emu):
     tight = _emu.SinkhornEmu(emu.exe, smem_limit=40 * 40 * 8 + 40 * 2 * 80)
     out = tight.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
     check_fwd_against_reference(out, ref_fwd(cost, a, b))
+
+
+# ---- problems past shared memory, and batches of mixed lengths ------------------------------------
+
+def test_sinkhorn_fwd_512(emu):
+    """A 512 x 512 problem (BERT's longest inputs): past an sm_80 block's shared memory, so its
+    matrices live in the global workspace; it matches the float64 reference and the CPU op."""
+    cost, a, b = padded_batch([(512, 512)], 512, 512, seed=11)
+    sm80 = _emu.SinkhornEmu(emu.exe, smem_limit=SM80)
+    out = sm80.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
+    assert sm80.groups == [(256, 1, 511, 511, 1)], sm80.groups  # an interior zero each: 511 x 511 real
+    check_fwd_against_reference(out, ref_fwd(cost, a, b))
+    if HAS_CPU_OPS:
+        cpu = torch.ops.kxkernels.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True, False)
+        close(out[0], cpu[0], 2e-6, 1e-4, "value vs CPU op")
+        close(out[6], cpu[6], 1e-6, 1e-3, "plan vs CPU op")
+
+
+def test_sinkhorn_fwd_mixed_lengths(emu):
+    """A 10 x 10 and a 300 x 300 problem in one batch padded to 300: the short one runs in a
+    64-thread block from shared memory, the long one in a 256-thread block with its matrices in
+    the workspace; both match the reference."""
+    cost, a, b = padded_batch([(10, 10), (300, 300), (7, 290)], 300, 300, seed=12)
+    a[1, 1] = 0.3  # (300, 300) exactly: no interior zero there
+    b[1, 2] = 0.3
+    sm80 = _emu.SinkhornEmu(emu.exe, smem_limit=SM80)
+    out = sm80.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
+    assert sorted(sm80.groups) == [(64, 0, 9, 9, 1), (128, 0, 6, 289, 1), (256, 1, 300, 300, 1)], sm80.groups
+    check_fwd_against_reference(out, ref_fwd(cost, a, b))
+
+
+def test_sinkhorn_fwd_global_vectors_several_launches(emu):
+    """A shared memory limit that leaves room for nothing but the partials: the vectors go to the
+    workspace too (tier 2); a launch holds 1 block, so the group runs in several launches."""
+    shapes = [(60, 50), (3, 4), (64, 64)]
+    cost, a, b = padded_batch(shapes, 64, 64, seed=13)
+    tiny = _emu.SinkhornEmu(emu.exe, smem_limit=2048, ws_blocks=1)
+    out = tiny.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
+    assert sorted(tiny.groups) == [(64, 0, 3, 3, 1), (256, 2, 63, 63, 2)], tiny.groups  # 3 x 4: 3 x 3 real
+    check_fwd_against_reference(out, ref_fwd(cost, a, b))
+    shared = emu.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
+    for x, y in zip(out, shared):  # same sweeps, same reduction order: the same bits
+        assert torch.equal(x, y)
+
+
+def test_sinkhorn_bwd_workspace(emu):
+    """sinkhorn_bwd with its masses and potentials in the workspace (M + N past the limit), in
+    launches of 2 blocks."""
+    cost, a, b = padded_batch([(9, 7), (5, 12), (12, 12)], 12, 12, seed=14)
+    _, _, f, g, *_ = ref_fwd(cost, a, b)
+    f, g = f.float(), g.float()
+    grad = torch.tensor([1.5, -0.7, 0.3])
+    out = _emu.SinkhornEmu(emu.exe, smem_limit=256, ws_blocks=2).sinkhorn_bwd(grad, cost, a, b, f, g, EPS)
+    exp = bwd_expected(grad, cost, a, b, f, g, EPS)
+    for name, x, y in zip(("grad_cost", "grad_a", "grad_b"), out, exp):
+        close(x, y, 1e-6, 1e-4, name)
+
+
+@pytest.mark.parametrize("limit,tier", [(SM80, 1), (24 * 1024, 2)])
+def test_wrd_past_shared_memory(emu, limit, tier):
+    """WRD forward and backward on 180 x 200 tokens (and a short pair beside them): the cosine
+    tiles stage in shared memory while C and K (and T in the backward) live in the workspace."""
+    x, y, xm, ym = token_batch(2, 180, 200, 24, seed=15)
+    xm[0] = True
+    ym[0] = True
+    xm[1, 12:] = False
+    ym[1, 9:] = False
+    lim = _emu.SinkhornEmu(emu.exe, smem_limit=limit)
+    value, dual, f, g, n_iter, err = lim.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL)
+    groups = sorted(lim.groups)
+    assert groups[-1][:2] == (256, tier) and len(groups) == 2, groups
+    ref = ref_wrd(x, y, xm, ym)
+    close(value, ref[0], 2e-6, 1e-4, "value")
+    close(f, ref[2], 5e-5, 1e-4, "f")
+    close(g, ref[3], 5e-5, 1e-4, "g")
+    assert bool((err < TOL).all())
+    grad = torch.tensor([1.0, -0.5])
+    gx, gy = lim.wrd_bwd(grad, x, y, xm, ym, f, g, EPS)
+    ex, ey = wrd_grad_expected(grad, x, y, xm, ym, f, g, EPS)
+    close(gx, ex, 1e-5, 1e-3, "grad_x")
+    close(gy, ey, 1e-5, 1e-3, "grad_y")

@@ -179,19 +179,94 @@ def test_sinkhorn_fwd_small_eps_large_range():
     same_schedule(out[4][2:][converged.cuda()], ref[4][converged])
 
 
-def test_too_large_and_float64_refused():
-    with pytest.raises(ValueError, match="shared memory"):
-        ops.sinkhorn_fwd(torch.rand(1, 400, 400, device="cuda"), torch.ones(1, 400, device="cuda"),
-                         torch.ones(1, 400, device="cuda"), EPS, 10, TOL, False, False)
+def test_float64_refused():
     c = torch.rand(2, 3, 4, device="cuda", dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
         ops.sinkhorn_fwd(c, torch.ones(2, 3, device="cuda", dtype=torch.float64),
                          torch.ones(2, 4, device="cuda", dtype=torch.float64), EPS, 10, TOL, False, False)
-    # the largest problem that fits runs
-    side = 128
-    out = ops.sinkhorn_fwd(torch.rand(2, side, side, device="cuda"), torch.ones(2, side, device="cuda"),
-                           torch.ones(2, side, device="cuda"), 0.1, 500, 1e-5, False, False)
-    assert bool((out[5] < 1e-5).all())
+
+
+# ---- past one block's shared memory (128 x 128 on sm_80, 165 x 165 on sm_90) ------------------------
+
+@pytest.mark.parametrize("side", [128, 170, 512])
+def test_sinkhorn_large_problems(side):
+    """Problems up to BERT's 512 tokens a side: those past shared memory keep their matrices in
+    the global workspace; forward and backward match the float64 reference and the CPU op."""
+    g = torch.Generator().manual_seed(side)
+    cost = torch.rand(2, side, side, generator=g)
+    a = torch.rand(2, side, generator=g) + 0.05
+    b = torch.rand(2, side, generator=g) + 0.05
+    a[1, side // 2:] = 0  # the second problem is half padding
+    out = ops.sinkhorn_fwd(cost.cuda(), a.cuda(), b.cuda(), EPS, MAX_ITER, TOL, True, False)
+    value, dual, f, g_, n_iter, err, plan = out
+    rv, rd, rf, rg, rn, re, rp = ref_fwd(cost, a, b)
+    close(value, rv, 2e-6, 1e-4, "value vs reference")
+    close(f, rf, 5e-5, 1e-4, "f vs reference")
+    close(plan, rp, 1e-7, 1e-3, "plan vs reference")
+    assert bool((err < TOL).all()), err
+    same_schedule(n_iter, rn)
+    grad = torch.tensor([1.0, -0.5])
+    gc, ga, gb = ops.sinkhorn_bwd(grad.cuda(), cost.cuda(), a.cuda(), b.cuda(), f, g_, EPS)
+    ec, ea, eb = bwd_expected(grad, cost, a, b, f, g_, EPS)
+    close(gc, ec, 1e-7, 1e-3, "grad_cost")
+    close(ga, ea, 1e-6, 1e-4, "grad_a")
+
+
+def test_sinkhorn_mixed_lengths_batch():
+    """A 10 x 10 pair beside a 300 x 300 one in a batch padded to 300 (they run in different
+    launch groups), and many short pairs with one long one."""
+    B, L = 33, 300
+    g = torch.Generator().manual_seed(5)
+    cost = torch.rand(B, L, L, generator=g)
+    a = torch.rand(B, L, generator=g) + 0.05
+    b = torch.rand(B, L, generator=g) + 0.05
+    for p in range(1, B):
+        a[p, 10 + p:] = 0
+        b[p, 10 + (p * 7) % 40:] = 0
+    out = ops.sinkhorn_fwd(cost.cuda(), a.cuda(), b.cuda(), EPS, MAX_ITER, TOL, True, False)
+    rv, rd, rf, rg, rn, re, rp = ref_fwd(cost, a, b)
+    close(out[0], rv, 2e-6, 1e-4, "value vs reference")
+    close(out[2], rf, 5e-5, 1e-4, "f vs reference")
+    close(out[6], rp, 1e-7, 1e-3, "plan vs reference")
+    assert bool((out[5] < TOL).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wrd_512_tokens(dtype):
+    """WRD on pairs of up to 512 tokens (BERT's limit), D = 384, with short pairs in the same batch:
+    forward against the float64 reference, backward against the CPU op."""
+    x, y, xm, ym = token_batch(6, 512, 512, 384, dtype=dtype, lengths=(5, 512), seed=21)
+    xm[0] = True
+    ym[0] = True
+    xc, yc, xmc, ymc = cuda_all(x, y, xm, ym)
+    value, dual, f, g, n_iter, err = ops.wrd_fwd(xc, yc, xmc, ymc, EPS, MAX_ITER, TOL, False)
+    ref = ref_wrd(x, y, xm, ym)
+    close(value, ref[0], 1e-5, 1e-4, "value vs reference")
+    close(f, ref[2], 1e-4, 1e-4, "f vs reference")
+    assert bool((err < TOL).all()), err
+    grad = torch.linspace(-1, 1, 6)
+    gx, gy = ops.wrd_bwd(grad.cuda(), xc, yc, xmc, ymc, f, g, EPS)
+    cx, cy = ops.wrd_bwd(grad, x, y, xm, ym, f.cpu(), g.cpu(), EPS)
+    rtol, atol = (1e-3, 1e-5) if dtype == torch.float32 else (2e-2, 2e-3)
+    close(gx, cx, atol, rtol, "grad_x vs CPU op")
+    close(gy, cy, atol, rtol, "grad_y vs CPU op")
+
+
+def test_sinkhorn_bwd_long_sides():
+    """sinkhorn_bwd whose masses and potentials exceed shared memory (M + N past ~10,000 on
+    sm_80): they go to a workspace."""
+    B, M, N = 2, 9000, 4000
+    g = torch.Generator().manual_seed(3)
+    cost = torch.rand(B, M, N, generator=g)
+    a = torch.rand(B, M, generator=g) + 0.05
+    b = torch.rand(B, N, generator=g) + 0.05
+    f = torch.randn(B, M, generator=g) * 0.01
+    g_ = torch.randn(B, N, generator=g) * 0.01
+    grad = torch.tensor([1.0, 2.0])
+    out = ops.sinkhorn_bwd(grad.cuda(), cost.cuda(), a.cuda(), b.cuda(), f.cuda(), g_.cuda(), 1.0)
+    exp = bwd_expected(grad, cost, a, b, f, g_, 1.0)
+    for name, x, e in zip(("grad_cost", "grad_a", "grad_b"), out, exp):
+        close(x, e, 1e-9, 1e-4, name)
 
 
 def bwd_expected(grad, cost, a, b, f, g, eps):

@@ -16,7 +16,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (atol, rtol) against float64 math on the same inputs: float32 math, outputs rounded to the dtype
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 SHAPES = [(1, 1, 1), (3, 7, 3), (5, 100, 10), (16, 3000, 10), (64, 5000, 64), (8, 3000, 128),
-          (32, 50257, 10)]
+          (32, 50257, 10),
+          # k > 128: the threshold-select kernels (up to k = V)
+          (4, 5000, 129), (8, 5000, 1000), (2, 30522, 4096), (3, 200, 200)]
 IGNORE = -100
 
 

@@ -108,6 +108,19 @@ def _sparse_softmax_entries():
             entries.append(AOTKernel(f"{name}-{x_ty}-KP{kp_max}", fn, sig, {"KP": kp_max}, cfgs))
             if x_ty == "fp32":  # k = 1: one-slot vectors
                 entries.append(AOTKernel(f"{name}-{x_ty}-KP1", fn, sig, {"KP": 1}, configs[:1]))
+        # the large-k (threshold-select) kernels: BLOCK_K fixed, every config
+        def no_kp(sig):
+            return {n: t for n, t in sig.items() if n != "KP"}
+        bk = {"BLOCK_K": "constexpr"}
+        for name, fn, sig in (("sparse_softmax_fwd_large_k", tk._sparse_softmax_fwd_large_k_kernel, no_kp(fwd)),
+                              ("sparse_softmax_bwd_large_k", tk._sparse_softmax_bwd_large_k_kernel,
+                               {**no_kp(bwd), **bk}),
+                              ("sparse_softmax_ce_fwd_large_k", tk._sparse_softmax_ce_fwd_large_k_kernel,
+                               no_kp(ce_fwd)),
+                              ("sparse_softmax_ce_bwd_large_k", tk._sparse_softmax_ce_bwd_large_k_kernel,
+                               {**no_kp(ce_bwd), **bk})):
+            fixed = {"BLOCK_K": tk.BLOCK_K} if "BLOCK_K" in sig else {}
+            entries.append(AOTKernel(f"{name}-{x_ty}", fn, sig, fixed, cfgs))
     return entries
 
 

@@ -226,19 +226,94 @@ def test_forward_nan_row():
     close(probs[rows], ref_probs(x[rows], index[rows]), TOL[torch.float32], "probs of the other rows")
 
 
-def test_k_above_max_raises():
-    k = tk.MAX_K + 1
+# ---- large k (k > MAX_K): the threshold-select kernels ------------------------------------------
+# Each row costs ~50 passes of the interpreter over the vocabulary: V of a few thousand, 1-3 rows.
+LARGE_K = [(1, 3000, tk.MAX_K + 1), (3, 300, 200), (1, 1000, 1000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,v,k", LARGE_K)
+def test_large_k_forward_backward(n, v, k, dtype):
+    """k above MAX_K, up to k = V: the same indices as the CPU op and the stable-sort reference,
+    probabilities and the backward against float64 math."""
+    x = logits(n, v, dtype)
+    probs, index = check_forward(x, k)
+    g = torch.randn(n, v).to(dtype)
+    close(run_backward(g, probs, index), ref_softmax_backward(g, probs, index), TOL[dtype], "grad")
+    g0 = torch.tensor(0.5, dtype=dtype).expand(n, v)  # stride 0
+    close(run_backward(g0, probs, index), ref_softmax_backward(g0, probs, index), TOL[dtype], "grad (stride 0)")
+
+
+@pytest.mark.parametrize("pattern", ["few_values", "constant", "masked", "fewer_finite_than_k"])
+def test_large_k_ties_and_masks(pattern):
+    """Ties at the k-th value keep the lower index (across blocks: BLOCK_V 1024 on V = 2500);
+    -0.0 ties with +0.0; a fully -inf row gives zeros and indices 0..k-1; -inf entries fill up a
+    set in index order."""
+    v, k = 2500, 700
+    if pattern == "few_values":
+        x = torch.randint(-1, 2, (2, v)).float()
+        x[0, 5] = -0.0
+    elif pattern == "constant":
+        x = torch.zeros(2, v)
+        x[1, ::3] = -0.0
+    elif pattern == "masked":
+        x = torch.full((2, v), float("-inf"))
+        x[1, 2000:] = torch.randn(500)
+    else:
+        x = torch.full((2, v), float("-inf"))
+        x[:, 1500:1600] = torch.randn(2, 100)
+    probs, index = check_forward(x, k, {"BLOCK_V": 1024, "num_warps": 4})
+    if pattern == "masked":
+        assert index[0].tolist() == list(range(k)) and bool((probs[0] == 0).all())
+
+
+def test_large_k_nan_row():
+    x = logits(2, 600, torch.float32)
+    x[1, 77] = float("nan")
+    probs, index = run_forward(x, 300)
+    cpu_probs, cpu_index = ops.sparse_softmax_fwd(x, 300)
+    assert torch.equal(index[:1], cpu_index[:1])
+    # the NaN row: NaN on k distinct entries (which ones is not specified for a NaN row), zero elsewhere
+    assert int(probs[1].isnan().sum()) == 300 == int(cpu_probs[1].isnan().sum())
+    assert bool(probs[1][index[1]].isnan().all()) and index[1].unique().numel() == 300
+    close(probs[:1], ref_probs(x[:1], index[:1]), TOL[torch.float32], "probs of the finite row")
+
+
+@pytest.mark.parametrize("include_target", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_k_cross_entropy(include_target, dtype):
+    """Targets inside and outside the top-k, an ignored row, ties at the k-th value; forward and
+    backward against float64 math and the CPU op."""
+    n, v, k = 4, 1500, 400
+    x = logits(n, v, dtype)
+    x[2, :] = torch.randint(0, 3, (v,)).to(dtype)  # ties everywhere
+    index_sorted = ref_topk_index(x, k)
+    outside = [c for c in range(v) if c not in index_sorted[1].tolist()]
+    # row 0: target in the set; row 1: outside it; row 2: ties; row 3: ignored
+    target = torch.tensor([int(index_sorted[0, 5]), outside[0], 1, IGNORE])
+    loss, lse, index = run_ce_forward(x, target, k, IGNORE, include_target)
+    rl, rlse, rindex = ref_ce_forward(x, target, k, IGNORE, include_target)
+    assert torch.equal(index, rindex)
+    cl, clse, cindex = ops.sparse_softmax_cross_entropy_fwd(x, target, k, IGNORE, include_target)
+    assert torch.equal(index, cindex)
+    close(loss, rl, TOL_F32_OUT, "loss")
+    live = rlse != float("-inf")
+    close(lse[live], rlse[live], TOL_F32_OUT, "lse")
+    assert bool((lse[~live] == float("-inf")).all())
+    gl = torch.randn(n)
+    grad = run_ce_backward(gl, x, target, lse, index, IGNORE, include_target)
+    close(grad, ref_ce_backward(gl, x, target, lse, index, IGNORE, include_target), TOL[dtype], "grad")
+    assert bool((grad[3] == 0).all())
+
+
+def test_k_above_v_raises():
     x = torch.randn(2, 300)
     t = torch.zeros(2, dtype=torch.long)
-    with pytest.raises(ValueError, match=f"k={k}"):
-        tk.sparse_softmax_forward(x, k)
-    with pytest.raises(ValueError, match=f"k={k}"):
-        tk.sparse_softmax_cross_entropy_forward(x, t, k, IGNORE, False)
-    idx = torch.zeros(2, k, dtype=torch.long)
-    with pytest.raises(ValueError, match=f"k={k}"):
-        tk.sparse_softmax_backward(x, x, idx)
-    with pytest.raises(ValueError, match=f"k={k}"):
-        tk.sparse_softmax_cross_entropy_backward(torch.ones(2), x, t, torch.zeros(2), idx, IGNORE, False)
+    for k in (0, 301):
+        with pytest.raises(ValueError, match=f"k={k}"):
+            tk.sparse_softmax_forward(x, k)
+        with pytest.raises(ValueError, match=f"k={k}"):
+            tk.sparse_softmax_cross_entropy_forward(x, t, k, IGNORE, False)
 
 
 # ---- sparse_softmax backward ----------------------------------------------------------------------

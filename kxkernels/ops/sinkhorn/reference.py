@@ -31,10 +31,14 @@ from __future__ import annotations
 
 import torch
 
-EPS_RATIO = 0.25   # eps-scaling: eps_{k+1} = max(EPS_RATIO * eps_k, eps)
-STAGE_SWEEPS = 2   # sweeps per intermediate eps at most
-STAGE_TOL = 0.1    # ... or fewer once the marginal error is below this
-OMEGA = 1.8        # over-relaxation at the final eps
+from kxkernels._extension import _C
+
+# The schedule is defined once, in csrc/common/sinkhorn_schedule.h, and read here from the extension.
+_SCHEDULE = _C.sinkhorn_schedule()
+EPS_RATIO = float(_SCHEDULE["eps_ratio"])      # eps-scaling: eps_{k+1} = max(EPS_RATIO * eps_k, eps)
+STAGE_SWEEPS = int(_SCHEDULE["stage_sweeps"])  # sweeps per intermediate eps at most
+STAGE_TOL = float(_SCHEDULE["stage_tol"])      # ... or fewer once the marginal error is below this
+OMEGA = float(_SCHEDULE["omega"])              # over-relaxation at the final eps
 
 
 def _lse(z: torch.Tensor, dim: int) -> torch.Tensor:

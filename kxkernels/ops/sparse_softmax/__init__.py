@@ -114,7 +114,8 @@ def sparse_softmax(logits: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     Args:
         logits (torch.Tensor): scores of any shape ``[..., V, ...]``, float32/float16/bfloat16
             (float64 on CPU); math in float32.
-        k (int): how many entries keep mass, ``1 <= k <= logits.shape[dim]``.
+        k (int): how many entries keep mass, ``1 <= k <= logits.shape[dim]``, on CPU and CUDA
+            alike (on CUDA, k above 128 runs the Triton threshold-select kernels).
         dim (int): the softmax dim.
 
     Returns:
@@ -157,7 +158,8 @@ def sparse_softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, k: 
     Args:
         logits (torch.Tensor): ``[N, V]`` or ``[B, T, V]``, float32/float16/bfloat16 (float64 on CPU).
         target (torch.Tensor): int64/int32 ``[N]`` or ``[B, T]``, values in ``[0, V)`` or ``ignore_index``.
-        k (int): top-k size, ``1 <= k <= V``.
+        k (int): top-k size, ``1 <= k <= V`` on CPU and CUDA alike (on CUDA, k above 128 runs the
+            Triton threshold-select kernels).
         ignore_index (int): rows with this target have loss 0 and zero gradient.
         reduction (str): ``"mean"`` (over non-ignored rows; 0 when all are ignored), ``"sum"``, ``"none"``.
         include_target (bool): add the target to the set when it is not in the top-k.

@@ -3,8 +3,12 @@
 //
 //   sinkhorn_harness OP DTYPE DIR
 //
-// OP: sinkhorn_fwd | sinkhorn_bwd | wrd_fwd | wrd_bwd, or plan (prints the launch plan of an
-// M x N problem: threads, floats per matrix, shared memory bytes); DTYPE: float32 | float16 | bfloat16.
+// OP: sinkhorn_fwd | sinkhorn_bwd | wrd_fwd | wrd_bwd, or plan (prints the layout of an M x N
+// problem: threads, floats per matrix, shared memory bytes, tier, workspace floats); DTYPE:
+// float32 | float16 | bfloat16. The forward ops and wrd_bwd run every group of sk::plan_batch (the
+// glue's policy) as the glue does, in launches of sk::blocks_per_launch blocks (`ws_blocks` in
+// meta caps it, to exercise several launches); the groups are printed to stdout, one
+// "threads tier mc nc count" line each.
 // DIR/meta.txt holds "key value" lines (sizes, settings, element strides of each input, and
 // optionally `threads` to override the block size, `seed` for the thread order, `smem_limit`);
 // DIR/<name>.bin the raw storage of each input. Outputs go to DIR/out_<name>.bin, poisoned (all
@@ -12,6 +16,7 @@
 #include "cuda_emu.h"
 #include "sinkhorn_kernel.cuh"
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <map>
@@ -81,31 +86,75 @@ int report(const std::string& err) {
   return 0;
 }
 
+// Runs every group of the glue's batch plan: `launch_one(layout, index, ws, blocks)` launches a
+// kernel; returns "" or the first error.
+template <typename F>
+std::string run_groups(const std::vector<int64_t>& m, const std::vector<int64_t>& n, int64_t B, int64_t M,
+                       int64_t N, bool tokens, size_t limit, F launch_one) {
+  const int threads = int(imeta("threads", 0));
+  const int64_t cap = imeta("ws_blocks", 0);
+  for (const sk::Bucket& bk : sk::plan_batch(m.data(), n.data(), B, M, N, tokens, limit, threads)) {
+    std::printf("%d %d %lld %lld %zu\n", bk.L.threads, bk.L.tier, static_cast<long long>(bk.L.mc),
+                static_cast<long long>(bk.L.nc), bk.problems.size());
+    if (bk.L.smem > limit) return "layout past the shared memory limit";
+    const int64_t count = int64_t(bk.problems.size());
+    int64_t per = sk::blocks_per_launch(bk.L, count);
+    if (cap > 0 && bk.L.ws_floats > 0) per = std::min(per, cap);
+    std::vector<float> ws(size_t(bk.L.ws_floats * per + 1));
+    for (int64_t s0 = 0; s0 < count; s0 += per) {
+      const int64_t nb = std::min(per, count - s0);
+      std::memset(ws.data(), 0xff, ws.size() * sizeof(float));  // poisoned like shared memory
+      const std::string e = launch_one(bk.L, bk.problems.data() + s0, bk.L.ws_floats ? ws.data() : nullptr, nb);
+      if (!e.empty()) return e;
+    }
+  }
+  return "";
+}
+
+// Real lengths the glue counts: masses > 0, or mask entries (all L without a mask).
+template <typename T>
+std::vector<int64_t> count_positive(const std::vector<T>& v, int64_t B, int64_t L, int64_t s0, int64_t s1) {
+  std::vector<int64_t> c(size_t(B), 0);
+  for (int64_t p = 0; p < B; ++p)
+    for (int64_t i = 0; i < L; ++i) c[size_t(p)] += sk::to_float(v[size_t(p * s0 + i * s1)]) > 0.0f;
+  return c;
+}
+std::vector<int64_t> count_mask(const std::vector<uint8_t>& mk, int64_t B, int64_t L, int64_t s0, int64_t s1) {
+  std::vector<int64_t> c(size_t(B), 0);
+  for (int64_t p = 0; p < B; ++p)
+    for (int64_t i = 0; i < L; ++i) c[size_t(p)] += mk.empty() ? 1 : mk[size_t(p * s0 + i * s1)] != 0;
+  return c;
+}
+
 template <typename T>
 int run(const std::string& op) {
   const int64_t B = imeta("B"), M = imeta("M"), N = imeta("N");
   const size_t limit = size_t(imeta("smem_limit", 232448));  // sm_90 opt-in
   const uint32_t seed = uint32_t(imeta("seed", 1));
-  if (op == "plan") {  // the glue's launch policy: "threads mat smem"
-    const sk::LaunchPlan lp = sk::plan_launch(M, N, imeta("tokens", 0) != 0, limit);
-    std::printf("%d %lld %zu\n", lp.threads, static_cast<long long>(lp.mat), lp.smem);
+  if (op == "plan") {  // the layout of one M x N problem: "threads mat smem tier ws_floats"
+    const sk::Layout L = sk::plan_layout(M, N, M, N, imeta("tokens", 0) != 0, limit);
+    std::printf("%d %lld %zu %d %lld\n", L.threads, static_cast<long long>(L.mat), L.smem, L.tier,
+                static_cast<long long>(L.ws_floats));
     return 0;
   }
   if (op == "sinkhorn_fwd") {
     const auto cost = load<T>("cost"), a = load<T>("a"), b = load<T>("b");
-    sk::LaunchPlan lp = sk::plan_launch(M, N, false, limit);
-    if (lp.smem > limit) return std::fprintf(stderr, "too large\n"), 3;
-    const int threads = int(imeta("threads", lp.threads));
     auto value = poisoned<float>(B), dual = poisoned<float>(B), err = poisoned<float>(B);
     auto f = poisoned<float>(B * M), g = poisoned<float>(B * N);
     auto n_iter = poisoned<int64_t>(B);
     const bool want_plan = imeta("return_plan", 0) != 0;
     auto plan = poisoned<T>(want_plan ? B * M * N : 0);
-    sk::SinkhornFwdArgs<T> P{cost.data(), a.data(), b.data(), M, N, imeta("cs0"), imeta("cs1"), imeta("cs2"),
-                             imeta("as0"), imeta("as1"), imeta("bs0"), imeta("bs1"), meta("eps"), meta("tol"),
-                             imeta("max_iter"), lp.mat, value.data(), dual.data(), f.data(), g.data(),
-                             err.data(), n_iter.data(), want_plan ? plan.data() : nullptr};
-    const int rc = report(emu::launch(B, threads, lp.smem, seed, sk::sinkhorn_fwd_kernel<T>, P));
+    const auto m = count_positive(a, B, M, imeta("as0"), imeta("as1"));
+    const auto n = count_positive(b, B, N, imeta("bs0"), imeta("bs1"));
+    const int rc = report(run_groups(m, n, B, M, N, false, limit,
+        [&](const sk::Layout& L, const int* index, float* ws, int64_t blocks) {
+          sk::SinkhornFwdArgs<T> P{cost.data(), a.data(), b.data(), M, N, imeta("cs0"), imeta("cs1"),
+                                   imeta("cs2"), imeta("as0"), imeta("as1"), imeta("bs0"), imeta("bs1"),
+                                   meta("eps"), meta("tol"), imeta("max_iter"), L, index, ws, value.data(),
+                                   dual.data(), f.data(), g.data(), err.data(), n_iter.data(),
+                                   want_plan ? plan.data() : nullptr};
+          return emu::launch(blocks, L.threads, L.smem, seed, sk::sinkhorn_fwd_kernel<T>, P);
+        }));
     save("value", value, B); save("dual", dual, B); save("err", err, B);
     save("f", f, B * M); save("g", g, B * N); save("n_iter", n_iter, B);
     if (want_plan) save("plan", plan, B * M * N);
@@ -114,13 +163,23 @@ int run(const std::string& op) {
   if (op == "sinkhorn_bwd") {
     const auto cost = load<T>("cost"), a = load<T>("a"), b = load<T>("b");
     const auto grad = load<float>("grad"), f = load<float>("f"), g = load<float>("g");
-    const size_t smem = sk::bwd_smem(M, N, nullptr, nullptr, nullptr, nullptr, nullptr, 0);
     const int threads = int(imeta("threads", sk::kBwdThreads));
     auto gc = poisoned<T>(B * M * N), ga = poisoned<T>(B * M), gb = poisoned<T>(B * N);
-    sk::SinkhornBwdArgs<T> P{grad.data(), f.data(), g.data(), cost.data(), a.data(), b.data(), M, N,
-                             imeta("cs0"), imeta("cs1"), imeta("cs2"), imeta("as0"), imeta("as1"),
-                             imeta("bs0"), imeta("bs1"), meta("eps"), gc.data(), ga.data(), gb.data()};
-    const int rc = report(emu::launch(B, threads, smem, seed, sk::sinkhorn_bwd_kernel<T>, P));
+    // the glue's rule: vectors in shared memory when they fit, else a workspace slice per block
+    const size_t vec = sk::bwd_smem(M, N, nullptr, nullptr, nullptr, nullptr, nullptr, 0);
+    const bool global = vec > limit;
+    const int64_t ws_floats = global ? int64_t(sk::bwd_smem(M, N, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 16) / 4) : 0;
+    const size_t smem = global ? 64 * sizeof(double) : vec;
+    const int64_t per = global ? std::max<int64_t>(1, std::min<int64_t>(B, imeta("ws_blocks", B))) : B;
+    std::vector<float> ws(size_t(ws_floats * per + 1));
+    int rc = 0;
+    for (int64_t s0 = 0; s0 < B && rc == 0; s0 += per) {
+      sk::SinkhornBwdArgs<T> P{grad.data(), f.data(), g.data(), cost.data(), a.data(), b.data(), M, N,
+                               imeta("cs0"), imeta("cs1"), imeta("cs2"), imeta("as0"), imeta("as1"),
+                               imeta("bs0"), imeta("bs1"), meta("eps"), gc.data(), ga.data(), gb.data(), s0,
+                               global ? ws.data() : nullptr, ws_floats};
+      rc = report(emu::launch(std::min(per, B - s0), threads, smem, seed, sk::sinkhorn_bwd_kernel<T>, P));
+    }
     save("grad_cost", gc, B * M * N); save("grad_a", ga, B * M); save("grad_b", gb, B * N);
     return rc;
   }
@@ -128,20 +187,18 @@ int run(const std::string& op) {
   const auto xm = imeta("x_mask", 0) ? load<uint8_t>("x_mask") : std::vector<uint8_t>();
   const auto ym = imeta("y_mask", 0) ? load<uint8_t>("y_mask") : std::vector<uint8_t>();
   const sk::Tokens<T> X = tokens("x", x, xm, M), Y = tokens("y", y, ym, N);
-  sk::LaunchPlan lp = sk::plan_launch(M, N, true, limit);
-  if (lp.smem > limit) return std::fprintf(stderr, "too large\n"), 3;
-  const int threads = int(imeta("threads", lp.threads));
-  if (threads != lp.threads) {  // the staging room depends on the block size
-    lp.mat = std::max<int64_t>(lp.mat, sk::stage_floats(threads));
-    lp.smem = sk::carve(0, M, N, lp.mat, nullptr);
-  }
+  const auto m = count_mask(xm, B, M, imeta("xms0", 0), imeta("xms1", 0));
+  const auto n = count_mask(ym, B, N, imeta("yms0", 0), imeta("yms1", 0));
   if (op == "wrd_fwd") {
     auto value = poisoned<float>(B), dual = poisoned<float>(B), err = poisoned<float>(B);
     auto f = poisoned<float>(B * M), g = poisoned<float>(B * N);
     auto n_iter = poisoned<int64_t>(B);
-    sk::WrdFwdArgs<T> P{X, Y, meta("eps"), meta("tol"), imeta("max_iter"), lp.mat, value.data(), dual.data(),
-                        f.data(), g.data(), err.data(), n_iter.data()};
-    const int rc = report(emu::launch(B, threads, lp.smem, seed, sk::wrd_fwd_kernel<T>, P));
+    const int rc = report(run_groups(m, n, B, M, N, true, limit,
+        [&](const sk::Layout& L, const int* index, float* ws, int64_t blocks) {
+          sk::WrdFwdArgs<T> P{X, Y, meta("eps"), meta("tol"), imeta("max_iter"), L, index, ws, value.data(),
+                              dual.data(), f.data(), g.data(), err.data(), n_iter.data()};
+          return emu::launch(blocks, L.threads, L.smem, seed, sk::wrd_fwd_kernel<T>, P);
+        }));
     save("value", value, B); save("dual", dual, B); save("err", err, B);
     save("f", f, B * M); save("g", g, B * N); save("n_iter", n_iter, B);
     return rc;
@@ -150,8 +207,11 @@ int run(const std::string& op) {
     const int64_t D = imeta("D");
     const auto grad = load<float>("grad"), f = load<float>("f"), g = load<float>("g");
     auto gx = poisoned<T>(B * M * D), gy = poisoned<T>(B * N * D);
-    sk::WrdBwdArgs<T> P{X, Y, grad.data(), f.data(), g.data(), meta("eps"), lp.mat, gx.data(), gy.data()};
-    const int rc = report(emu::launch(B, threads, lp.smem, seed, sk::wrd_bwd_kernel<T>, P));
+    const int rc = report(run_groups(m, n, B, M, N, true, limit,
+        [&](const sk::Layout& L, const int* index, float* ws, int64_t blocks) {
+          sk::WrdBwdArgs<T> P{X, Y, grad.data(), f.data(), g.data(), meta("eps"), L, index, ws, gx.data(), gy.data()};
+          return emu::launch(blocks, L.threads, L.smem, seed, sk::wrd_bwd_kernel<T>, P);
+        }));
     save("grad_x", gx, B * M * D); save("grad_y", gy, B * N * D);
     return rc;
   }
