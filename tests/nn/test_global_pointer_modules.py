@@ -282,3 +282,11 @@ def test_bad_inputs(kind):
         head.loss(hidden, torch.tensor([[[[0, L]]] * HEADS] * B))  # end out of range
     with pytest.raises(TypeError, match="spans"):
         head.loss(hidden, _spans().float())
+
+
+def test_docstring_examples():
+    import doctest
+
+    import kxkernels.nn.global_pointer as module
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

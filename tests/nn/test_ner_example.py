@@ -64,7 +64,7 @@ def test_read_bio(example, tmp_path):
     f = tmp_path / "tiny.txt"
     f.write_text(TINY)
     sents = example.read_bio(f)
-    assert [len(w) for w, _ in sents] == [9, 2, 2, 5]
+    assert [len(w) for w, _ in sents] == [9, 2, 2, 6]
     assert sents[1] == (["Peter", "Blackburn"], ["B-PER", "I-PER"])
 
 
