@@ -172,13 +172,14 @@ inline void gp_gemm_release() { at::native::cpublas::brgemm_release(false); }
 template <typename T, typename A>
 struct GpWork {
   // qr, kr: rotated rows (L x D); kt: scale * kr transposed (D x L), the right operand of the scores;
-  // tile: one row block of scores / gradient cells (kGpRowBlock x L); tileT: its transpose.
-  std::vector<A> qr, kr, kt, tmp, tile, tileT, colbias, rowbias;
+  // qt: qr transposed (D x L, backward only); tile: one row block of scores / gradient cells
+  // (kGpRowBlock x L).
+  std::vector<A> qr, kr, kt, qt, tmp, tile, colbias, rowbias;
   std::vector<char> rowok;
   int64_t n = 0;  // rows / columns in play: [0, n)
   explicit GpWork(const GpProblem<T, A>& p, bool backward)
-      : qr(p.L * p.D), kr(p.L * p.D), kt(p.L * p.D), tmp(p.D), tile(kGpRowBlock * p.L),
-        tileT(backward ? kGpRowBlock * p.L : 0), colbias(p.L), rowbias(p.L), rowok(p.L) {}
+      : qr(p.L * p.D), kr(p.L * p.D), kt(p.L * p.D), qt(backward ? p.L * p.D : 0), tmp(p.D),
+        tile(kGpRowBlock * p.L), colbias(p.L), rowbias(p.L), rowok(p.L) {}
   ~GpWork() { gp_gemm_release(); }
 
   // Rotated q, k and the row / column terms of (b, h): colbias_j = end_bias_j or -inf at padding.
@@ -190,6 +191,9 @@ struct GpWork {
     gp_load_rotated(k, p.ks[2], p.ks[3], n, p.D, p.cs, p.sn, p.rope, p.interleaved, kr.data(), tmp.data());
     for (int64_t j = 0; j < n; ++j)
       for (int64_t d = 0; d < p.D; ++d) kt[d * p.L + j] = p.scale * kr[j * p.D + d];
+    if (!qt.empty())
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t d = 0; d < p.D; ++d) qt[d * p.L + i] = qr[i * p.D + d];
     const int64_t off = (b * p.H + h) * p.L;
     for (int64_t j = 0; j < n; ++j) {
       const bool ok = p.mask == nullptr || p.mask[b * p.L + j];
@@ -204,14 +208,12 @@ struct GpWork {
   void score(const GpProblem<T, A>& p, int64_t i0, int64_t bi, int64_t j0, int64_t nj) {
     gp_tile_gemm(bi, nj, p.D, qr.data() + i0 * p.D, p.D, kt.data() + j0, p.L, tile.data(), nj, false);
   }
-  // dQr[i0:] += dS Kr[j0:], dKr[j0:] += dS^T Qr[i0:] (dS the tile, unscaled; the caller scales).
-  void grads(const GpProblem<T, A>& p, int64_t i0, int64_t bi, int64_t j0, int64_t nj, A* dqr, A* dkr) {
+  // dQr[i0:] += dS Kr[j0:] (L x D rows) and dKr^T[:, j0:] += Qr^T[:, i0:] dS (D x L, transposed
+  // once at the end by gp_transpose_rows), dS the tile, unscaled (the caller scales).
+  void grads(const GpProblem<T, A>& p, int64_t i0, int64_t bi, int64_t j0, int64_t nj, A* dqr, A* dkt) {
     const A* dS = tile.data();
-    A* dT = tileT.data();
-    for (int64_t r = 0; r < bi; ++r)
-      for (int64_t c = 0; c < nj; ++c) dT[c * bi + r] = dS[r * nj + c];
     gp_tile_gemm(bi, p.D, nj, dS, nj, kr.data() + j0 * p.D, p.D, dqr + i0 * p.D, p.D, true);
-    gp_tile_gemm(nj, p.D, bi, dT, bi, qr.data() + i0 * p.D, p.D, dkr + j0 * p.D, p.D, true);
+    gp_tile_gemm(p.D, nj, bi, qt.data() + i0, p.L, dS, nj, dkt + j0, p.L, true);
   }
   // Row i of the tile: adds the biases over its valid columns; returns the offset of its first
   // valid column within the tile row (cells before it are the masked lower triangle).
@@ -280,13 +282,13 @@ void gp_scores_backward(const GpProblem<T, A>& p, const T* grad, T* dq, T* dk, A
   const int64_t L = p.L, D = p.D;
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t t0, int64_t t1) {
     GpWork<T, A> w(p, true);
-    std::vector<A> dqr(L * D), dkr(L * D);
+    std::vector<A> dqr(L * D), dkr(L * D), dkt(L * D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / p.H, h = t % p.H;
       w.prepare(p, b, h);
       const int64_t n = w.n;
       std::fill(dqr.begin(), dqr.begin() + n * D, A(0));
-      std::fill(dkr.begin(), dkr.begin() + n * D, A(0));
+      std::fill(dkt.begin(), dkt.end(), A(0));
       A* sb = dsb + t * L;
       A* eb = deb + t * L;
       std::fill(sb, sb + L, A(0));
@@ -308,9 +310,11 @@ void gp_scores_backward(const GpProblem<T, A>& p, const T* grad, T* dq, T* dk, A
           for (int64_t c = js; c < nj; ++c) x[c] = cb[c] == neg_inf<A>() ? A(0) : x[c];
           sb[i] = gp_row_accumulate(static_cast<const A*>(x), eb + j0, nj);
         }
-        w.grads(p, i0, bi, j0, nj, dqr.data(), dkr.data());
+        w.grads(p, i0, bi, j0, nj, dqr.data(), dkt.data());
       }
       gp_store_unrotated(dqr.data(), n, L, D, p.cs, p.sn, p.rope, p.interleaved, p.scale, dq + t * L * D);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < D; ++d) dkr[j * D + d] = dkt[d * L + j];
       gp_store_unrotated(dkr.data(), n, L, D, p.cs, p.sn, p.rope, p.interleaved, p.scale, dk + t * L * D);
     }
   });
@@ -368,7 +372,7 @@ void gp_loss_backward(const GpProblem<T, A>& p, const int64_t* spans, int64_t P,
   const int64_t L = p.L, D = p.D;
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t t0, int64_t t1) {
     GpWork<T, A> w(p, true);
-    std::vector<A> dqr(L * D), dkr(L * D), pv;
+    std::vector<A> dqr(L * D), dkr(L * D), dkt(L * D), pv;
     std::vector<int64_t> pos;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / p.H, h = t % p.H;
@@ -377,7 +381,7 @@ void gp_loss_backward(const GpProblem<T, A>& p, const int64_t* spans, int64_t P,
       const int64_t n = w.n, np = int64_t(pos.size());
       const A g = grad_loss[t * grad_stride], ln = lse_neg[t], lp = lse_pos[t];
       std::fill(dqr.begin(), dqr.begin() + n * D, A(0));
-      std::fill(dkr.begin(), dkr.begin() + n * D, A(0));
+      std::fill(dkt.begin(), dkt.end(), A(0));
       A* sb = dsb + t * L;
       A* eb = deb + t * L;
       std::fill(sb, sb + L, A(0));
@@ -402,9 +406,11 @@ void gp_loss_backward(const GpProblem<T, A>& p, const int64_t* spans, int64_t P,
           for (int64_t u = 0; u < pi - pb; ++u) x[pos[pb + u] % L - j0] = -g * std::exp(-pv[u] - lp);
           sb[i] = gp_row_accumulate(static_cast<const A*>(x), eb + j0, nj);
         }
-        w.grads(p, i0, bi, j0, nj, dqr.data(), dkr.data());
+        w.grads(p, i0, bi, j0, nj, dqr.data(), dkt.data());
       }
       gp_store_unrotated(dqr.data(), n, L, D, p.cs, p.sn, p.rope, p.interleaved, p.scale, dq + t * L * D);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < D; ++d) dkr[j * D + d] = dkt[d * L + j];
       gp_store_unrotated(dkr.data(), n, L, D, p.cs, p.sn, p.rope, p.interleaved, p.scale, dk + t * L * D);
     }
   });
