@@ -20,7 +20,8 @@ Progress goes to stderr (tqdm). The last stdout line is
 ``entity_f1=<f> precision=<f> recall=<f> step_ms=<f> peak_mib=<n>``: ``step_ms`` is the median
 wall time of one training step (encoder and head forward, backward, optimizer update),
 ``peak_mib`` the peak resident memory of the process (``ru_maxrss``). The line before it gives the
-median time of the head's forward + backward inside a step, the part ``--head`` changes.
+median time of the head's forward + backward inside a step, the part ``--head`` changes, and the
+median CPU time of a step (less sensitive than wall time to other processes on shared cores).
 Defaults: 200 steps of 16 sentences (one epoch of the 3,200), on one thread unless
 ``OMP_NUM_THREADS`` is set (two threads were 5x slower per step on the shared 2-core machine),
 about 8-10 minutes there.
@@ -265,13 +266,13 @@ def _run(args, progress) -> int:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (args.max_steps - s) / (args.max_steps - warmup + 1))))
 
-    step_s, head_s = [], []
+    step_s, step_cpu_s, head_s = [], [], []
     model.train()
     bar = progress(training_batches(train, args.batch_size, args.max_steps, random.Random(args.seed)),
                    desc=f"train ({args.head})", unit="step")
     for batch in bar:
         ids, attention, pieces, spans = collate([train[i] for i in batch])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         hidden = model.encoder(input_ids=ids, attention_mask=attention).last_hidden_state
         # the head runs on a detached copy so its forward + backward can be timed on its own;
         # the gradients are exactly those of one backward through both
@@ -285,6 +286,7 @@ def _run(args, progress) -> int:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step_s.append(time.perf_counter() - t0)
+        step_cpu_s.append(time.process_time() - c0)
         head_s.append(t2 - t1)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
@@ -292,7 +294,8 @@ def _run(args, progress) -> int:
     f1, precision, recall = evaluate(model, dev, progress)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # KiB on Linux
     print(f"head forward+backward per step: median {statistics.median(head_s) * 1e3:.2f} ms "
-          f"({args.head}); loss at the last step {loss.item():.4f}")
+          f"({args.head}); step CPU time (process_time, all threads): median "
+          f"{statistics.median(step_cpu_s) * 1e3:.1f} ms; loss at the last step {loss.item():.4f}")
     print(f"entity_f1={f1:.4f} precision={precision:.4f} recall={recall:.4f} "
           f"step_ms={statistics.median(step_s) * 1e3:.1f} peak_mib={peak_mib}")
     return 0

@@ -123,6 +123,28 @@ def test_loss_is_mcce_of_logits(kind, masked):
     _close(loss, ref_loss, "loss vs float64 reference", tol=(1e-5, 1e-5))
 
 
+# low precision: the module in bf16 / fp16 against the same module in float32 (rounded weights)
+LOW_TOL = {torch.bfloat16: (0.15, 5e-2), torch.float16: (2e-2, 1e-2)}  # logits are O(1..10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["gp", "bert4torch"])
+def test_low_precision(kind, dtype):
+    head = _make(kind).to(dtype)
+    hidden = torch.randn(B, L, HIDDEN).to(dtype)
+    head32 = _make(kind)
+    head32.load_state_dict({k: v.float() for k, v in head.state_dict().items()})
+    out = head(hidden, mask=_mask())
+    assert out.dtype == dtype
+    expected = head32(hidden.float(), mask=_mask())
+    assert torch.equal(torch.isneginf(out), torch.isneginf(expected))
+    keep = torch.isfinite(expected)
+    _close(out[keep], expected[keep], f"{dtype} logits", tol=LOW_TOL[dtype])
+    loss = head.loss(hidden, _spans(), mask=_mask())
+    assert torch.isfinite(loss)
+    _close(loss, head32.loss(hidden.float(), _spans(), mask=_mask()), f"{dtype} loss", tol=LOW_TOL[dtype])
+
+
 def test_conventions_differ_and_convert():
     """The same weights score differently under the two conventions; permuting the weights
     (even/odd <-> halves of p, start/end swapped in q_dense) maps one onto the other exactly."""
