@@ -113,8 +113,9 @@ def _sparse_softmax_entries():
 
 
 def _global_pointer_entries():
-    """Every GlobalPointer kernel at every tuning config, fp32 and bf16 inputs, D = 64 (BLOCK_D 64),
-    all the optional parts on (mask, biases, RoPE, tril); the scores forward also with them off."""
+    """Every GlobalPointer kernel at every tuning config with fp32 inputs, D = 64 (BLOCK_D 64), all
+    the optional parts on (mask, biases, RoPE, tril); with bf16 inputs, at the large config, the
+    scores forward and the three fused-loss kernels (what a bf16 training step runs)."""
     tk = global_pointer_tk
     configs = tuple(tk.TUNING_CONFIGS)
     entries = []
@@ -124,22 +125,19 @@ def _global_pointer_entries():
     ce = lambda names: {n: "constexpr" for n in names}  # noqa: E731
     tile_ce = ["HAS_MASK", "ROPE", "INTERLEAVED", "TRIL", "BLOCK_M", "BLOCK_N", "BLOCK_D"]
     for t in ("fp32", "bf16"):
-        cfgs = configs if t == "fp32" else configs[1:2]
+        cfgs = configs if t == "fp32" else configs[-1:]
         fwd = {**qk("q", t), **qk("k", t), "mask_ptr": "*i8", "sb_ptr": "*fp32", "eb_ptr": "*fp32",
                "theta_ptr": "*fp32", "out_ptr": f"*{t}", "H": "i32", "L": "i32", "D": "i32", "scale": "fp32",
                **ce(["HAS_SB", "HAS_EB"] + tile_ce)}
         entries.append(AOTKernel(f"gp_fwd-{t}", tk._gp_fwd_kernel, fwd, {**flags, **bias_flags}, cfgs))
-        if t == "fp32":
-            entries.append(AOTKernel("gp_fwd-fp32-plain", tk._gp_fwd_kernel, fwd,
-                                     {"HAS_MASK": False, "ROPE": False, "INTERLEAVED": False, "TRIL": False,
-                                      "HAS_SB": False, "HAS_EB": False, "BLOCK_D": 16}, configs[:1]))
         g = {"g_ptr": f"*{t}", "gs0": "i64", "gs1": "i64", "gs2": "i64", "gs3": "i64"}
         dq = {**g, **qk("k", t), "mask_ptr": "*i8", "theta_ptr": "*fp32", "dq_ptr": f"*{t}", "dsb_ptr": "*fp32",
               "H": "i32", "L": "i32", "D": "i32", "scale": "fp32", **ce(tile_ce)}
         dk = {**g, **qk("q", t), "mask_ptr": "*i8", "theta_ptr": "*fp32", "dk_ptr": f"*{t}", "deb_ptr": "*fp32",
               "H": "i32", "L": "i32", "D": "i32", "scale": "fp32", **ce(tile_ce)}
-        entries.append(AOTKernel(f"gp_bwd_dq-{t}", tk._gp_bwd_dq_kernel, dq, dict(flags), cfgs))
-        entries.append(AOTKernel(f"gp_bwd_dk-{t}", tk._gp_bwd_dk_kernel, dk, dict(flags), cfgs))
+        if t == "fp32":
+            entries.append(AOTKernel(f"gp_bwd_dq-{t}", tk._gp_bwd_dq_kernel, dq, dict(flags), cfgs))
+            entries.append(AOTKernel(f"gp_bwd_dk-{t}", tk._gp_bwd_dk_kernel, dk, dict(flags), cfgs))
         pos = {"cells_ptr": "*i64", "row_start_ptr": "*i64", "P": "i32", "max_per_row": "i32"}
         lf = {**qk("q", t), **qk("k", t), "mask_ptr": "*i8", "sb_ptr": "*fp32", "eb_ptr": "*fp32",
               "theta_ptr": "*fp32", **pos, "part_ptr": "*fp32", "H": "i32", "L": "i32", "D": "i32",
@@ -152,15 +150,16 @@ def _global_pointer_entries():
                                  {**lb, "dq_ptr": f"*{t}", "dsb_ptr": "*fp32", **tail}, {**flags, **bias_flags}, cfgs))
         entries.append(AOTKernel(f"gpl_bwd_dk-{t}", tk._gpl_bwd_dk_kernel,
                                  {**lb, "dk_ptr": f"*{t}", "deb_ptr": "*fp32", **tail}, {**flags, **bias_flags}, cfgs))
+        if t != "fp32":
+            continue
         row = {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-        for y_t in ((t, "u8") if t == "fp32" else (t,)):
+        for y_t in (t,):  # bool labels reach the kernel as uint8: the same code, another pointer type
             mf = {"x_ptr": f"*{t}", "x_stride": "i64", "y_ptr": f"*{y_t}", "y_stride": "i64", "loss_ptr": "*fp32",
                   "lse_neg_ptr": "*fp32", "lse_pos_ptr": "*fp32", "bad_ptr": "*i32", "N": "i32", "C": "i32", **row}
             mb = {"g_ptr": "*fp32", "x_ptr": f"*{t}", "x_stride": "i64", "y_ptr": f"*{y_t}", "y_stride": "i64",
                   "lse_neg_ptr": "*fp32", "lse_pos_ptr": "*fp32", "out_ptr": f"*{t}", "N": "i32", "C": "i32", **row}
-            ycfgs = cfgs if y_t == t else cfgs[1:2]  # bool labels (as uint8) at one config
-            entries.append(AOTKernel(f"mcce_fwd-{t}-{y_t}", tk._mcce_fwd_kernel, mf, {}, ycfgs))
-            entries.append(AOTKernel(f"mcce_bwd-{t}-{y_t}", tk._mcce_bwd_kernel, mb, {}, ycfgs))
+            entries.append(AOTKernel(f"mcce_fwd-{t}-{y_t}", tk._mcce_fwd_kernel, mf, {}, cfgs))
+            entries.append(AOTKernel(f"mcce_bwd-{t}-{y_t}", tk._mcce_bwd_kernel, mb, {}, cfgs))
         sf = {"x_ptr": f"*{t}", "x_stride": "i64", "pos_ptr": "*i64", "P": "i32", "loss_ptr": "*fp32",
               "lse_neg_ptr": "*fp32", "lse_pos_ptr": "*fp32", "N": "i32", "C": "i32", "MASK_ZERO": "constexpr", **row}
         sbw = {"g_ptr": "*fp32", "x_ptr": f"*{t}", "x_stride": "i64", "pos_ptr": "*i64", "P": "i32",
