@@ -38,6 +38,35 @@ TORCH_LIBRARY(kxkernels, m) {
   // Gradient of sum(grad_loss * loss) w.r.t. logits, (N, V) in logits dtype: k (+1) non-zeros a row.
   m.def("sparse_softmax_cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, "
         "Tensor topk_index, int ignore_index, bool include_target) -> Tensor");
+  // ---- GlobalPointer span scores and the ZLPR loss -----------------------------------------
+  // q, k (B, H, L, D), mask bool (B, L) (True = token), start_bias / end_bias (B, H, L). Logits
+  // (B, H, L, L) in q dtype: scale * R_i q_i . R_j k_j + start_bias_i + end_bias_j, -inf at padded
+  // rows / columns and (tril) j < i. RoPE angles in float32 from arange(L).
+  m.def("global_pointer_fwd(Tensor q, Tensor k, Tensor? mask, Tensor? start_bias, Tensor? end_bias, "
+        "bool rope, float rope_base, bool interleaved, bool tril, float scale) -> Tensor");
+  // Gradient of <grad, logits>: (dq, dk in q dtype, d_start_bias, d_end_bias (B, H, L) float32/64);
+  // masked cells contribute nothing.
+  m.def("global_pointer_bwd(Tensor grad, Tensor q, Tensor k, Tensor? mask, bool rope, float rope_base, "
+        "bool interleaved, bool tril, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  // ZLPR per row of logits (N, C), labels (N, C) bool or logits dtype in [0, 1]:
+  // (loss, lse_neg = log(1 + sum (1-y) e^s), lse_pos = log(1 + sum y e^-s)), each (N,) float32/64.
+  m.def("multilabel_categorical_crossentropy_fwd(Tensor logits, Tensor labels) -> (Tensor, Tensor, Tensor)");
+  m.def("multilabel_categorical_crossentropy_bwd(Tensor grad_loss, Tensor logits, Tensor labels, "
+        "Tensor lse_neg, Tensor lse_pos) -> Tensor");
+  // Sparse ZLPR: positives pos_index (N, P) int in [-1, C) (-1 padding; 0 too when mask_zero).
+  m.def("sparse_multilabel_categorical_crossentropy_fwd(Tensor logits, Tensor pos_index, bool mask_zero) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("sparse_multilabel_categorical_crossentropy_bwd(Tensor grad_loss, Tensor logits, Tensor pos_index, "
+        "bool mask_zero, Tensor lse_neg, Tensor lse_pos) -> Tensor");
+  // Fused GlobalPointer + ZLPR, one row per (batch, head) over the L*L cells; spans (B, H, P, 2)
+  // int (start, end), a pair with -1 is padding. Returns (loss, lse_neg, lse_pos), each (B, H).
+  m.def("global_pointer_loss_fwd(Tensor q, Tensor k, Tensor spans, Tensor? mask, Tensor? start_bias, "
+        "Tensor? end_bias, bool rope, float rope_base, bool interleaved, bool tril, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Gradient of sum(grad_loss * loss): (dq, dk, d_start_bias, d_end_bias), tiles recomputed.
+  m.def("global_pointer_loss_bwd(Tensor grad_loss, Tensor q, Tensor k, Tensor spans, Tensor? mask, "
+        "Tensor? start_bias, Tensor? end_bias, Tensor lse_neg, Tensor lse_pos, bool rope, float rope_base, "
+        "bool interleaved, bool tril, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
   // ---- batched Sinkhorn / WRD ---------------------------------------------------------------
   // cost (B, M, N), a (B, M), b (B, N): zero mass = padding. Returns value <T, C> (B,),
   // dual <f, a> + <g, b> (B,), potentials f (B, M), g (B, N) (float32, float64 for float64 input),

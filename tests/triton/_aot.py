@@ -20,6 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kxkernels.ops.global_pointer import triton as global_pointer_tk
 from kxkernels.ops.sparse_softmax import triton as sparse_softmax_tk
 
 CUDA_CAPS = (80, 90)
@@ -124,7 +125,65 @@ def _sparse_softmax_entries():
     return entries
 
 
-AOT_KERNELS: list[AOTKernel] = [*_sparse_softmax_entries()]
+def _global_pointer_entries():
+    """Every GlobalPointer kernel at every tuning config with fp32 inputs, D = 64 (BLOCK_D 64), all
+    the optional parts on (mask, biases, RoPE, tril); with bf16 inputs, at the large config, the
+    scores forward and the three fused-loss kernels (what a bf16 training step runs)."""
+    tk = global_pointer_tk
+    configs = tuple(tk.TUNING_CONFIGS)
+    entries = []
+    qk = lambda n, t: {f"{n}_ptr": f"*{t}", f"{n}s0": "i64", f"{n}s1": "i64", f"{n}s2": "i64", f"{n}s3": "i64"}  # noqa: E731
+    flags = {"HAS_MASK": True, "ROPE": True, "INTERLEAVED": True, "TRIL": True, "BLOCK_D": 64}
+    bias_flags = {"HAS_SB": True, "HAS_EB": True}
+    ce = lambda names: {n: "constexpr" for n in names}  # noqa: E731
+    tile_ce = ["HAS_MASK", "ROPE", "INTERLEAVED", "TRIL", "BLOCK_M", "BLOCK_N", "BLOCK_D"]
+    for t in ("fp32", "bf16"):
+        cfgs = configs if t == "fp32" else configs[-1:]
+        fwd = {**qk("q", t), **qk("k", t), "mask_ptr": "*i8", "sb_ptr": "*fp32", "eb_ptr": "*fp32",
+               "theta_ptr": "*fp32", "out_ptr": f"*{t}", "H": "i32", "L": "i32", "D": "i32", "scale": "fp32",
+               **ce(["HAS_SB", "HAS_EB"] + tile_ce)}
+        entries.append(AOTKernel(f"gp_fwd-{t}", tk._gp_fwd_kernel, fwd, {**flags, **bias_flags}, cfgs))
+        g = {"g_ptr": f"*{t}", "gs0": "i64", "gs1": "i64", "gs2": "i64", "gs3": "i64"}
+        dq = {**g, **qk("k", t), "mask_ptr": "*i8", "theta_ptr": "*fp32", "dq_ptr": f"*{t}", "dsb_ptr": "*fp32",
+              "H": "i32", "L": "i32", "D": "i32", "scale": "fp32", **ce(tile_ce)}
+        dk = {**g, **qk("q", t), "mask_ptr": "*i8", "theta_ptr": "*fp32", "dk_ptr": f"*{t}", "deb_ptr": "*fp32",
+              "H": "i32", "L": "i32", "D": "i32", "scale": "fp32", **ce(tile_ce)}
+        if t == "fp32":
+            entries.append(AOTKernel(f"gp_bwd_dq-{t}", tk._gp_bwd_dq_kernel, dq, dict(flags), cfgs))
+            entries.append(AOTKernel(f"gp_bwd_dk-{t}", tk._gp_bwd_dk_kernel, dk, dict(flags), cfgs))
+        pos = {"cells_ptr": "*i64", "row_start_ptr": "*i64", "P": "i32", "max_per_row": "i32"}
+        lf = {**qk("q", t), **qk("k", t), "mask_ptr": "*i8", "sb_ptr": "*fp32", "eb_ptr": "*fp32",
+              "theta_ptr": "*fp32", **pos, "part_ptr": "*fp32", "H": "i32", "L": "i32", "D": "i32",
+              "scale": "fp32", "NB": "i32", **ce(["HAS_SB", "HAS_EB"] + tile_ce)}
+        entries.append(AOTKernel(f"gpl_fwd-{t}", tk._gpl_fwd_kernel, lf, {**flags, **bias_flags}, cfgs))
+        lb = {"grad_ptr": "*fp32", "lse_neg_ptr": "*fp32", "lse_pos_ptr": "*fp32", **qk("q", t), **qk("k", t),
+              "mask_ptr": "*i8", "sb_ptr": "*fp32", "eb_ptr": "*fp32", "theta_ptr": "*fp32", **pos}
+        tail = {"H": "i32", "L": "i32", "D": "i32", "scale": "fp32", **ce(["HAS_SB", "HAS_EB"] + tile_ce)}
+        entries.append(AOTKernel(f"gpl_bwd_dq-{t}", tk._gpl_bwd_dq_kernel,
+                                 {**lb, "dq_ptr": f"*{t}", "dsb_ptr": "*fp32", **tail}, {**flags, **bias_flags}, cfgs))
+        entries.append(AOTKernel(f"gpl_bwd_dk-{t}", tk._gpl_bwd_dk_kernel,
+                                 {**lb, "dk_ptr": f"*{t}", "deb_ptr": "*fp32", **tail}, {**flags, **bias_flags}, cfgs))
+        if t != "fp32":
+            continue
+        row = {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+        for y_t in (t,):  # bool labels reach the kernel as uint8: the same code, another pointer type
+            mf = {"x_ptr": f"*{t}", "x_stride": "i64", "y_ptr": f"*{y_t}", "y_stride": "i64", "loss_ptr": "*fp32",
+                  "lse_neg_ptr": "*fp32", "lse_pos_ptr": "*fp32", "bad_ptr": "*i32", "N": "i32", "C": "i32", **row}
+            mb = {"g_ptr": "*fp32", "x_ptr": f"*{t}", "x_stride": "i64", "y_ptr": f"*{y_t}", "y_stride": "i64",
+                  "lse_neg_ptr": "*fp32", "lse_pos_ptr": "*fp32", "out_ptr": f"*{t}", "N": "i32", "C": "i32", **row}
+            entries.append(AOTKernel(f"mcce_fwd-{t}-{y_t}", tk._mcce_fwd_kernel, mf, {}, cfgs))
+            entries.append(AOTKernel(f"mcce_bwd-{t}-{y_t}", tk._mcce_bwd_kernel, mb, {}, cfgs))
+        sf = {"x_ptr": f"*{t}", "x_stride": "i64", "pos_ptr": "*i64", "P": "i32", "loss_ptr": "*fp32",
+              "lse_neg_ptr": "*fp32", "lse_pos_ptr": "*fp32", "N": "i32", "C": "i32", "MASK_ZERO": "constexpr", **row}
+        sbw = {"g_ptr": "*fp32", "x_ptr": f"*{t}", "x_stride": "i64", "pos_ptr": "*i64", "P": "i32",
+               "lse_neg_ptr": "*fp32", "lse_pos_ptr": "*fp32", "out_ptr": f"*{t}", "N": "i32", "C": "i32",
+               "MASK_ZERO": "constexpr", **row}
+        entries.append(AOTKernel(f"smcce_fwd-{t}", tk._smcce_fwd_kernel, sf, {"MASK_ZERO": True}, cfgs))
+        entries.append(AOTKernel(f"smcce_bwd-{t}", tk._smcce_bwd_kernel, sbw, {"MASK_ZERO": True}, cfgs))
+    return entries
+
+
+AOT_KERNELS: list[AOTKernel] = [*_sparse_softmax_entries(), *_global_pointer_entries()]
 
 
 def aot_cases():

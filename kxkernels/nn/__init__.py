@@ -1,0 +1,2 @@
+"""nn.Module wrappers over the kxkernels ops (API: ../shared/API.md, "Modules and integrations")."""
+from kxkernels.nn.global_pointer import EfficientGlobalPointer, GlobalPointer
