@@ -1,7 +1,9 @@
 """kxkernels: fused kernels for RoFormer-line NLP building blocks. The public API is ../shared/API.md."""
 from kxkernels._extension import build_info
+from kxkernels.ops.rope_attention import apply_rope, rope_attention
 from kxkernels.ops.sinkhorn import SinkhornResult, sinkhorn, wrd
 from kxkernels.ops.sparse_softmax import sparse_softmax, sparse_softmax_cross_entropy
 
-__all__ = ["build_info", "sparse_softmax", "sparse_softmax_cross_entropy", "sinkhorn", "wrd", "SinkhornResult"]
+__all__ = ["build_info", "sparse_softmax", "sparse_softmax_cross_entropy", "sinkhorn", "wrd", "SinkhornResult",
+           "apply_rope", "rope_attention"]
 __version__ = "0.1.0"
