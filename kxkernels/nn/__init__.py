@@ -1,0 +1,2 @@
+"""nn.Module wrappers of the kxkernels ops (API: ../shared/API.md, "Modules and integrations")."""
+from kxkernels.nn.attention import RoPEAttention
