@@ -124,29 +124,54 @@ inline float row_bias_max(float* row, const float* bias, int64_t n) {
   return m;
 }
 
-// row[j] = exp(row[j] - sub) for j < n, 0 for n <= j < n_total; returns the sum.
+// 2^x for x <= 0 (the scores run in log2 units: q carries scale * log2(e)), exactly 0 below
+// -126 and for -inf. Cephes exp2f: x = n + f, f in [-0.5, 0.5], 2^f by a degree-6 polynomial
+// (1.6 ulp), 2^n added to the exponent. About half the work of the general vexp (no overflow or
+// subnormal range to handle).
+inline vfloat vexp2_neg(vfloat x) {
+  const vfloat lo = vbroadcast(-126.0f);
+  const vfloat xc = x < lo ? lo : x;
+  const vfloat kRound = vbroadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vfloat n = (xc + kRound) - kRound;
+  const vfloat f = xc - n;
+  vfloat p = vbroadcast(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  const vfloat y = p * f + 1.0f;
+  vint bits;
+  std::memcpy(&bits, &y, sizeof(bits));
+  bits += __builtin_convertvector(n, vint) << 23;
+  vfloat out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return x < lo ? vbroadcast(0.f) : out;
+}
+
+// row[j] = 2^(row[j] - sub) for j < n, 0 for n <= j < n_total; returns the sum.
 template <typename A>
-inline A row_exp_sum(A* row, int64_t n, int64_t n_total, A sub) {
+inline A row_exp2_sum(A* row, int64_t n, int64_t n_total, A sub) {
   A s = 0;
   for (int64_t j = 0; j < n; ++j) {
-    row[j] = std::exp(row[j] - sub);
+    row[j] = std::exp2(row[j] - sub);
     s += row[j];
   }
   for (int64_t j = n; j < n_total; ++j) row[j] = 0;
   return s;
 }
 
-inline float row_exp_sum(float* row, int64_t n, int64_t n_total, float sub) {
+inline float row_exp2_sum(float* row, int64_t n, int64_t n_total, float sub) {
   const vfloat vs = vbroadcast(sub);
   vfloat acc = vbroadcast(0.f);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    const vfloat e = vexp(vload(row + j) - vs);
+    const vfloat e = vexp2_neg(vload(row + j) - vs);
     vstore(row + j, e);
     acc += e;
   }
   if (j < n) {
-    const vfloat e = vexp(vload_partial(row + j, n - j, neg_inf<float>()) - vs);
+    const vfloat e = vexp2_neg(vload_partial(row + j, n - j, neg_inf<float>()) - vs);
     vstore_partial(row + j, e, n - j);
     acc += e;
   }
@@ -219,39 +244,8 @@ void rope_apply(const RopeArgs& a) {
 }
 
 // ---- fused attention --------------------------------------------------------------------------
-// Row-major tile product C (M, N) = A (M, K) B (K, N) (+ C when add): ATen's cpublas::brgemm in
-// float32 (oneDNN's JIT micro-kernel where the CPU has one, else the BLAS sgemm), plain loops in
-// float64 (gradcheck only).
-inline void tile_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                      float* C, int64_t ldc, bool add) {
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
-}
-
-inline void tile_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
-                      int64_t ldb, double* C, int64_t ldc, bool add) {
-  for (int64_t i = 0; i < M; ++i) {
-    double* c = C + i * ldc;
-    if (!add)
-      for (int64_t j = 0; j < N; ++j) c[j] = 0;
-    for (int64_t p = 0; p < K; ++p) {
-      const double a = A[i * lda + p];
-      const double* b = B + p * ldb;
-      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
-    }
-  }
-}
-
-// dst (cols, rows) = src (rows, cols)^T, leading dims lds, ldd.
-template <typename A>
-inline void transpose(const A* src, int64_t lds, A* dst, int64_t ldd, int64_t rows, int64_t cols) {
-  constexpr int64_t kTile = 8;
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile)
-    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-      const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
-    }
-}
+// Tile products go to kx::blas_gemm (rope_attention.cpp): the BLAS sgemm / dgemm ATen's
+// cpublas::gemm calls, column-major, so a row-major (r, c) buffer is a column-major (c, r) one.
 
 // Causal (bottom-right aligned): query row i sees keys j <= i + Lk - Lq. Number of keys of the
 // block starting at n0 (of kn keys) that row i sees, in [0, kn].
@@ -267,38 +261,38 @@ inline int64_t key_end(const AttnArgs& a, int64_t m0, int64_t qn) {
   return e < 0 ? 0 : (e > a.Lk ? a.Lk : e);
 }
 
-// What each thread keeps of the head (b, hk) it works on: the rotated keys row-major kr (Lk, D)
-// and/or transposed kt (D, Lk), v (in place when it is float32 with unit stride, else converted
-// into vc (Lk, Dv)) and the padding bias (0 / -inf).
+// What each thread keeps of the head (b, hk) it works on: the rotated keys kr (Lk, D) (read in
+// place when there is nothing to rotate or convert), v (in place when it is already in the
+// accumulation type with unit stride, else converted into vc (Lk, Dv)) and the padding bias.
 template <typename T, typename A>
 struct HeadPack {
-  std::vector<A> kr, kt, vc, bias, tmp;
+  std::vector<A> kr, vc, bias;
+  const A* k = nullptr;
   const A* v = nullptr;
-  int64_t ldv = 0;
+  int64_t ldk = 0, ldv = 0;
   int64_t cur = -1;
 
-  void load(const AttnArgs& a, int64_t b, int64_t hk, bool want_rows, bool want_cols) {
+  void load(const AttnArgs& a, int64_t b, int64_t hk) {
     if (cur == b * a.Hk + hk) return;
     cur = b * a.Hk + hk;
-    const T* k = static_cast<const T*>(a.k) + b * a.skb + hk * a.skh;
+    const T* ks = static_cast<const T*>(a.k) + b * a.skb + hk * a.skh;
     const T* vs = static_cast<const T*>(a.v) + b * a.svb + hk * a.svh;
     const A* tab = static_cast<const A*>(a.ktab);
-    constexpr int64_t kChunk = 16;  // keys rotated into tmp, then written transposed
-    if (want_rows) kr.resize(a.Lk * a.D);
-    if (want_cols) kt.resize(a.Lk * a.D);
-    tmp.resize(kChunk * a.D);
-    for (int64_t j0 = 0; j0 < a.Lk; j0 += kChunk) {
-      const int64_t jn = std::min(kChunk, a.Lk - j0);
-      A* rows = want_rows ? kr.data() + j0 * a.D : tmp.data();
-      for (int64_t j = 0; j < jn; ++j) {
-        A* row = rows + j * a.D;
-        load_row(k + (j0 + j) * a.skl, a.skd, row, a.D, A(1));
+    if (std::is_same<T, A>::value && !a.rope && a.skd == 1) {
+      k = reinterpret_cast<const A*>(ks);
+      ldk = a.skl;
+    } else {
+      kr.resize(a.Lk * a.D);
+      for (int64_t j = 0; j < a.Lk; ++j) {
+        A* row = kr.data() + j * a.D;
+        load_row(ks + j * a.skl, a.skd, row, a.D, A(1));
         if (a.rope) {
-          const A* t = tab + (b * a.ktab_bs + a.ktab_row0 + j0 + j) * 2 * a.rd;
+          const A* t = tab + (b * a.ktab_bs + a.ktab_row0 + j) * 2 * a.rd;
           rotate_inplace(row, t, t + a.rd, a.rd, a.interleaved, A(1));
         }
       }
-      if (want_cols) transpose(rows, a.D, kt.data() + j0, a.Lk, jn, a.D);
+      k = kr.data();
+      ldk = a.D;
     }
     if (std::is_same<T, A>::value && a.svd == 1) {
       v = reinterpret_cast<const A*>(vs);
@@ -317,9 +311,9 @@ struct HeadPack {
   }
 };
 
-// Rotated, scaled query rows [m0, m0 + qn) of head (b, h) into qs (qn, D).
+// Rotated query rows [m0, m0 + qn) of head (b, h), times mul, into qs (qn, D).
 template <typename T, typename A>
-inline void pack_queries(const AttnArgs& a, int64_t b, int64_t h, int64_t m0, int64_t qn, A* qs) {
+inline void pack_queries(const AttnArgs& a, int64_t b, int64_t h, int64_t m0, int64_t qn, A mul, A* qs) {
   const T* q = static_cast<const T*>(a.q) + b * a.sqb + h * a.sqh;
   const A* tab = static_cast<const A*>(a.qtab);
   for (int64_t r = 0; r < qn; ++r) {
@@ -329,9 +323,11 @@ inline void pack_queries(const AttnArgs& a, int64_t b, int64_t h, int64_t m0, in
       const A* t = tab + (b * a.qtab_bs + a.qtab_row0 + m0 + r) * 2 * a.rd;
       rotate_inplace(row, t, t + a.rd, a.rd, a.interleaved, A(1));
     }
-    row_scale(row, a.D, static_cast<A>(a.scale));
+    row_scale(row, a.D, mul);
   }
 }
+
+constexpr double kLog2e = 1.4426950408889634074, kLn2 = 0.69314718055994530942;
 
 template <typename T>
 void attn_forward(const AttnArgs& a) {
@@ -347,8 +343,8 @@ void attn_forward(const AttnArgs& a) {
       const int64_t qb = t % nqb, bh = t / nqb, h = bh % a.Hq, b = bh / a.Hq, hk = h / group;
       const int64_t m0 = qb * qbs, qn = std::min(qbs, a.Lq - m0);
       const int64_t kend = key_end(a, m0, qn);
-      if (kend > 0) hp.load(a, b, hk, false, true);
-      pack_queries<T, A>(a, b, h, m0, qn, qs.data());
+      if (kend > 0) hp.load(a, b, hk);
+      pack_queries<T, A>(a, b, h, m0, qn, static_cast<A>(a.scale * kLog2e), qs.data());  // S in log2 units
       for (int64_t r = 0; r < qn; ++r) {
         mx[r] = neg_inf<A>();
         sm[r] = 0;
@@ -357,7 +353,8 @@ void attn_forward(const AttnArgs& a) {
       for (int64_t n0 = 0; n0 < kend; n0 += kbs) {
         const int64_t kn = std::min(kbs, kend - n0);
         const bool first = n0 == 0;
-        tile_gemm(qn, kn, a.D, qs.data(), a.D, hp.kt.data() + n0, a.Lk, s.data(), kn, false);
+        // S (qn, kn) = Qs Kr^T
+        blas_gemm(true, false, kn, qn, a.D, A(1), hp.k + n0 * hp.ldk, hp.ldk, qs.data(), a.D, A(0), s.data(), kn);
         for (int64_t r = 0; r < qn; ++r) {
           A* row = s.data() + r * kn;
           const int64_t nc = a.causal ? causal_cols(m0 + r, n0, kn, a.Lq, a.Lk) : kn;
@@ -367,13 +364,15 @@ void attn_forward(const AttnArgs& a) {
             for (int64_t j = 0; j < kn; ++j) row[j] = 0;
             continue;
           }
-          const A ps = row_exp_sum(row, nc, kn, mnew);
-          const A alpha = mx[r] == neg_inf<A>() ? A(0) : std::exp(mx[r] - mnew);
+          const A ps = row_exp2_sum(row, nc, kn, mnew);
+          const A alpha = mx[r] == neg_inf<A>() ? A(0) : std::exp2(mx[r] - mnew);
           sm[r] = sm[r] * alpha + ps;
           mx[r] = mnew;
           if (!first && alpha != A(1)) row_scale(o.data() + r * a.Dv, a.Dv, alpha);
         }
-        tile_gemm(qn, a.Dv, kn, s.data(), kn, hp.v + n0 * hp.ldv, hp.ldv, o.data(), a.Dv, !first);
+        // O (qn, Dv) (+)= P V
+        blas_gemm(false, false, a.Dv, qn, kn, A(1), hp.v + n0 * hp.ldv, hp.ldv, s.data(), kn, first ? A(0) : A(1),
+                  o.data(), a.Dv);
       }
       T* ob = out + ((b * a.Hq + h) * a.Lq + m0) * a.Dv;
       A* lb = lse + (b * a.Hq + h) * a.Lq + m0;
@@ -385,45 +384,17 @@ void attn_forward(const AttnArgs& a) {
           lb[r] = std::numeric_limits<A>::infinity();
         } else {
           store_row(orow, ob + r * a.Dv, a.Dv, A(1) / sm[r]);
-          lb[r] = mx[r] + std::log(sm[r]);
+          lb[r] = (mx[r] + std::log2(sm[r])) * static_cast<A>(kLn2);
         }
       }
     }
   });
 }
 
-// p[i] = exp(p[i] + bias - lse[i]) for i0 <= i < n, 0 below i0 (one key row of P^T).
-template <typename A>
-inline void col_exp(A* p, const A* lse, int64_t i0, int64_t n, A bias) {
-  for (int64_t i = 0; i < i0; ++i) p[i] = 0;
-  for (int64_t i = i0; i < n; ++i) p[i] = std::exp(p[i] + bias - lse[i]);
-}
-
-inline void col_exp(float* p, const float* lse, int64_t i0, int64_t n, float bias) {
-  for (int64_t i = 0; i < i0; ++i) p[i] = 0.f;
-  const vfloat vb = vbroadcast(bias);
-  int64_t i = i0;
-  for (; i + kLanes <= n; i += kLanes) vstore(p + i, vexp(vload(p + i) + vb - vload(lse + i)));
-  for (; i < n; ++i) p[i] = sexp(p[i] + bias - lse[i]);
-}
-
-// ds[i] = p[i] * (ds[i] - di[i]) (one key row of dS^T; ds holds dP^T on entry).
-template <typename A>
-inline void col_softmax_grad(const A* p, A* ds, const A* di, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) ds[i] = p[i] * (ds[i] - di[i]);
-}
-
-inline void col_softmax_grad(const float* p, float* ds, const float* di, int64_t n) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) vstore(ds + i, vload(p + i) * (vload(ds + i) - vload(di + i)));
-  for (; i < n; ++i) ds[i] = p[i] * (ds[i] - di[i]);
-}
-
-// Backward (FlashAttention-2 order, in transposed form so that every product is a row-major
-// brgemm): one task per (batch, kv head); the task loops over the query heads of its group and
-// their query blocks, recomputes P^T = exp(S^T - lse) per key block and accumulates
-// dV += P^T dO, dS^T = P^T * (V dO^T - rowsum(dO * O)), dK += dS^T (scale Q), dQ^T += K^T dS^T
-// in float buffers; dQ (times scale) and dK are rotated back (inverse RoPE) as they are written.
+// Backward (FlashAttention-2 order): one task per (batch, kv head); the task loops over the query
+// heads of its group and their query blocks, recomputes P = exp(S - lse) per key block and
+// accumulates dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ += scale dS K, dK += dS^T (scale Q)
+// in float buffers; dQ and dK are rotated back (inverse RoPE) as they are written.
 template <typename T>
 void attn_backward(const AttnArgs& a) {
   using A = acc_t<T>;
@@ -436,15 +407,15 @@ void attn_backward(const AttnArgs& a) {
   T* dv = static_cast<T*>(a.dv);
   const A* qtab = static_cast<const A*>(a.qtab);
   const A* ktab = static_cast<const A*>(a.ktab);
+  const A scale = static_cast<A>(a.scale);
   at::parallel_for(0, a.B * a.Hk, 1, [&](int64_t t0, int64_t t1) {
     HeadPack<T, A> hp;
     std::vector<A> dka(a.Lk * a.D), dva(a.Lk * a.Dv);
-    std::vector<A> qs(qbs * a.D), qst(qbs * a.D), dob(qbs * a.Dv), dot(qbs * a.Dv), orow(a.Dv), di(qbs),
-        lr(qbs), dqt(qbs * a.D), drow(a.D);
-    std::vector<A> p(kbs * qbs), ds(kbs * qbs);
+    std::vector<A> qs(qbs * a.D), dob(qbs * a.Dv), orow(a.Dv), di(qbs), lr(qbs), dqa(qbs * a.D);
+    std::vector<A> p(qbs * kbs), ds(qbs * kbs);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t hk = t % a.Hk, b = t / a.Hk;
-      hp.load(a, b, hk, true, true);
+      hp.load(a, b, hk);
       const A* bias = a.mask != nullptr ? hp.bias.data() : nullptr;
       std::fill(dka.begin(), dka.end(), A(0));
       std::fill(dva.begin(), dva.end(), A(0));
@@ -453,44 +424,48 @@ void attn_backward(const AttnArgs& a) {
           const int64_t qn = std::min(qbs, a.Lq - m0);
           const int64_t kend = key_end(a, m0, qn);
           T* dqb = dq + ((b * a.Hq + h) * a.Lq + m0) * a.D;
-          if (kend == 0) {
-            std::fill(drow.begin(), drow.end(), A(0));
-            for (int64_t r = 0; r < qn; ++r) store_row(drow.data(), dqb + r * a.D, a.D, A(1));
-            continue;
+          std::fill(dqa.begin(), dqa.begin() + qn * a.D, A(0));
+          if (kend > 0) {
+            pack_queries<T, A>(a, b, h, m0, qn, static_cast<A>(a.scale * kLog2e), qs.data());
+            for (int64_t r = 0; r < qn; ++r) {
+              const int64_t i = m0 + r;
+              load_row(gout + b * a.sgb + h * a.sgh + i * a.sgl, a.sgd, dob.data() + r * a.Dv, a.Dv, A(1));
+              load_row(outp + b * a.sob + h * a.soh + i * a.sol, a.sod, orow.data(), a.Dv, A(1));
+              di[r] = row_dot(dob.data() + r * a.Dv, orow.data(), a.Dv);
+              lr[r] = lse[(b * a.Hq + h) * a.Lq + i] * static_cast<A>(kLog2e);  // +inf stays +inf
+            }
           }
-          pack_queries<T, A>(a, b, h, m0, qn, qs.data());
-          transpose(qs.data(), a.D, qst.data(), qn, qn, a.D);
-          for (int64_t r = 0; r < qn; ++r) {
-            const int64_t i = m0 + r;
-            load_row(gout + b * a.sgb + h * a.sgh + i * a.sgl, a.sgd, dob.data() + r * a.Dv, a.Dv, A(1));
-            load_row(outp + b * a.sob + h * a.soh + i * a.sol, a.sod, orow.data(), a.Dv, A(1));
-            di[r] = row_dot(dob.data() + r * a.Dv, orow.data(), a.Dv);
-            lr[r] = lse[(b * a.Hq + h) * a.Lq + i];
-          }
-          transpose(dob.data(), a.Dv, dot.data(), qn, qn, a.Dv);
-          std::fill(dqt.begin(), dqt.begin() + a.D * qn, A(0));
           for (int64_t n0 = 0; n0 < kend; n0 += kbs) {
             const int64_t kn = std::min(kbs, kend - n0);
-            tile_gemm(kn, qn, a.D, hp.kr.data() + n0 * a.D, a.D, qst.data(), qn, p.data(), qn, false);
-            for (int64_t j = 0; j < kn; ++j) {
-              // first query of the block that sees key n0 + j (causal), lse = +inf gives P = 0
-              int64_t i0 = a.causal ? n0 + j - (a.Lk - a.Lq) - m0 : 0;
-              i0 = i0 < 0 ? 0 : (i0 > qn ? qn : i0);
-              col_exp(p.data() + j * qn, lr.data(), i0, qn, bias != nullptr ? bias[n0 + j] : A(0));
+            // S (qn, kn) = Qs Kr^T (log2 units), P = 2^(S + bias - lse log2 e) (lse = +inf: P = 0)
+            blas_gemm(true, false, kn, qn, a.D, A(1), hp.k + n0 * hp.ldk, hp.ldk, qs.data(), a.D, A(0), p.data(),
+                      kn);
+            for (int64_t r = 0; r < qn; ++r) {
+              A* row = p.data() + r * kn;
+              const int64_t nc = a.causal ? causal_cols(m0 + r, n0, kn, a.Lq, a.Lk) : kn;
+              if (bias != nullptr) row_bias_max(row, bias + n0, nc);
+              row_exp2_sum(row, nc, kn, lr[r]);
             }
-            tile_gemm(kn, a.Dv, qn, p.data(), qn, dob.data(), a.Dv, dva.data() + n0 * a.Dv, a.Dv, true);
-            tile_gemm(kn, qn, a.Dv, hp.v + n0 * hp.ldv, hp.ldv, dot.data(), qn, ds.data(), qn, false);
-            for (int64_t j = 0; j < kn; ++j) col_softmax_grad(p.data() + j * qn, ds.data() + j * qn, di.data(), qn);
-            tile_gemm(kn, a.D, qn, ds.data(), qn, qs.data(), a.D, dka.data() + n0 * a.D, a.D, true);
-            tile_gemm(a.D, qn, kn, hp.kt.data() + n0, a.Lk, ds.data(), qn, dqt.data(), qn, true);
+            // dV (kn, Dv) += P^T dO
+            blas_gemm(false, true, a.Dv, kn, qn, A(1), dob.data(), a.Dv, p.data(), kn, A(1),
+                      dva.data() + n0 * a.Dv, a.Dv);
+            // dP (qn, kn) = dO V^T, then dS = P * (dP - Di)
+            blas_gemm(true, false, kn, qn, a.Dv, A(1), hp.v + n0 * hp.ldv, hp.ldv, dob.data(), a.Dv, A(0),
+                      ds.data(), kn);
+            for (int64_t r = 0; r < qn; ++r) row_softmax_grad(p.data() + r * kn, ds.data() + r * kn, kn, di[r]);
+            // dQ (qn, D) += scale dS Kr;  dK (kn, D) += scale dS^T Q = ln 2 dS^T Qs (Qs = scale log2(e) Q)
+            blas_gemm(false, false, a.D, qn, kn, scale, hp.k + n0 * hp.ldk, hp.ldk, ds.data(), kn, A(1), dqa.data(),
+                      a.D);
+            blas_gemm(false, true, a.D, kn, qn, static_cast<A>(kLn2), qs.data(), a.D, ds.data(), kn, A(1),
+                      dka.data() + n0 * a.D, a.D);
           }
           for (int64_t r = 0; r < qn; ++r) {
-            for (int64_t c = 0; c < a.D; ++c) drow[c] = dqt[c * qn + r] * static_cast<A>(a.scale);
+            A* row = dqa.data() + r * a.D;
             if (a.rope) {
               const A* tb = qtab + (b * a.qtab_bs + a.qtab_row0 + m0 + r) * 2 * a.rd;
-              rotate_inplace(drow.data(), tb, tb + a.rd, a.rd, a.interleaved, A(-1));
+              rotate_inplace(row, tb, tb + a.rd, a.rd, a.interleaved, A(-1));
             }
-            store_row(drow.data(), dqb + r * a.D, a.D, A(1));
+            store_row(row, dqb + r * a.D, a.D, A(1));
           }
         }
       }
