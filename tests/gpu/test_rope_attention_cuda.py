@@ -124,3 +124,24 @@ def test_apply_rope_cuda(dtype):
     (gx,) = torch.autograd.grad(y, x_, torch.ones_like(y))
     g64 = ref.apply_rope(torch.ones_like(y64), positions=pos, rotary_dim=96, inverse=True)
     assert rel_rms(gx, g64) <= bound
+
+
+def test_opcheck_and_compile_cuda():
+    """The CUDA registrations (Triton) pass opcheck and run under torch.compile(fullgraph=True)."""
+    q, k, v, go = inputs(2, 4, 2, 160, 64, torch.bfloat16, seed=2)
+    mask = torch.ones(2, 160, dtype=torch.bool, device="cuda")
+    mask[1, 100:] = False
+    pos = torch.arange(160, device="cuda").expand(2, 160)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mask, pos, pos, True, 0.125,
+            True, 10000.0, True, 64)
+    torch.library.opcheck(torch.ops.kxkernels.rope_attention_fwd, args)
+    torch.library.opcheck(torch.ops.kxkernels.apply_rope_fwd, (q, pos, 0, 10000.0, False, 32, False))
+
+    def f(q, k, v):
+        return kx.rope_attention(q, k, v, causal=True, key_padding_mask=mask)
+
+    out, grads = run(torch.compile(f, fullgraph=True), q, k, v, go)
+    out_e, grads_e = run(f, q, k, v, go)
+    torch.testing.assert_close(out, out_e, atol=0, rtol=0)
+    for g, ge in zip(grads, grads_e):
+        torch.testing.assert_close(g, ge, atol=0, rtol=0)
