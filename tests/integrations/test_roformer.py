@@ -14,7 +14,6 @@ transformers = pytest.importorskip("transformers")
 from transformers import RoFormerConfig, RoFormerForMaskedLM, RoFormerModel  # noqa: E402
 
 from kxkernels.integrations.transformers import patch_roformer  # noqa: E402
-from kxkernels.nn import RoPEAttention  # noqa: E402
 from tests.conftest import devices  # noqa: E402
 
 # float32 kernel vs HF eager float32 after a few layers (LayerNorm renormalizes each layer)
@@ -122,33 +121,3 @@ def test_unsupported_configs_raise():
     with pytest.raises(ValueError, match="neither a key padding mask"):
         kx(ids, attention_mask=custom)
 
-
-def test_rope_attention_module_matches_eager():
-    """kxkernels.nn.RoPEAttention against the same projections + the eager reference formula."""
-    from kxkernels.ops.rope_attention import reference as ref
-
-    torch.manual_seed(0)
-    for causal, interleaved, kv in ((False, True, None), (True, False, 2)):
-        attn = RoPEAttention(64, num_heads=4, num_kv_heads=kv, causal=causal, interleaved=interleaved)
-        x = torch.randn(2, 21, 64, requires_grad=True)
-        mask = torch.ones(2, 21, dtype=torch.bool)
-        mask[1, 15:] = False
-        out = attn(x, key_padding_mask=mask)
-        b, length, _ = x.shape
-        hk = kv or 4
-        q = attn.q_proj(x).view(b, length, 4, 16).transpose(1, 2)
-        k = attn.k_proj(x).view(b, length, hk, 16).transpose(1, 2)
-        v = attn.v_proj(x).view(b, length, hk, 16).transpose(1, 2)
-        o = ref.rope_attention(q.double(), k.double(), v.double(), causal=causal, key_padding_mask=mask,
-                               interleaved=interleaved)
-        want = attn.o_proj(o.float().transpose(1, 2).reshape(b, length, 64))
-        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-        (gx,) = torch.autograd.grad(out.sum(), x)
-        (gw,) = torch.autograd.grad(want.sum(), x)
-        torch.testing.assert_close(gx, gw, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="num_kv_heads"):
-        RoPEAttention(64, num_heads=4, num_kv_heads=3)
-    with pytest.raises(ValueError, match="even"):
-        RoPEAttention(60, num_heads=4)
-    with pytest.raises(ValueError, match="hidden"):
-        RoPEAttention(64, num_heads=4)(torch.randn(2, 5, 32))
