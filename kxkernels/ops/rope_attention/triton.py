@@ -35,12 +35,14 @@ Batch and head offsets are int64.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kxkernels._checks import (check_bool_tensor, check_finite_number, check_floating, check_positive,
+                               check_rank, check_same_device, resolve_rotary_dim)
 
 _MIN_DOT = 16  # smallest tile dimension tl.dot accepts on NVIDIA GPUs
 LOG2E = 1.4426950408889634
@@ -439,19 +441,16 @@ def _split(d: int, rotary_dim: int) -> tuple[int, int]:
     return half, (max(_MIN_DOT, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-def _check_rotary(d: int, rotary_dim, name: str = "rotary_dim") -> int:
-    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
-        raise TypeError(f"{name} must be an int, got {type(rotary_dim).__name__}")
-    if rotary_dim < 2 or rotary_dim > d or rotary_dim % 2:
-        raise ValueError(f"{name} must be even and in [2, head_dim={d}], got {rotary_dim}")
-    return rotary_dim
+def _check_rotary(d: int, rotary_dim) -> int:
+    if rotary_dim is None:  # the ops always pass an int; None would silently mean D
+        raise TypeError("rotary_dim must be an int, got NoneType")
+    return resolve_rotary_dim(rotary_dim, d)
 
 
 def _check_base(base) -> float:
-    base = float(base)
-    if not (base > 0.0 and math.isfinite(base)):
-        raise ValueError(f"rope base must be a finite number > 0, got {base}")
-    return base
+    check_positive(base, "rope_base")
+    check_finite_number(base, "rope_base")
+    return float(base)
 
 
 _THETA_CACHE: dict = {}
@@ -486,10 +485,8 @@ def _check_positions(pos, batch: int, length: int, device, name: str):
 
 
 def _check_4d(x, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(x.shape)}")
+    check_floating(x, name)
+    check_rank(x, 4, name, "(batch, heads, seq_len, head_dim)")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16 for the Triton kernels, "
                         f"got {x.dtype}")
@@ -508,7 +505,7 @@ def apply_rope_forward(x: torch.Tensor, positions, offset: int, base: float, int
         positions (torch.Tensor | None): int64 `[B, L]` (stride 0 allowed), or None for
             ``offset + arange(L)``.
         offset (int): first position when ``positions`` is None (ignored otherwise).
-        base (float): RoPE base (> 1).
+        base (float): RoPE base (> 0).
         interleaved (bool): pairs ``(2i, 2i+1)`` if True, else ``(i, i + rotary_dim/2)``.
         rotary_dim (int): even, ``<= D``; channels from it on are copied.
         inverse (bool): rotate by the negative angle (the backward of the forward rotation).
@@ -567,17 +564,15 @@ def _check_attention(q, k, v, key_padding_mask, q_positions, k_positions, rope, 
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hk})")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError("q, k, v must be on the same device")
+    check_same_device(q, k, "q", "k")
+    check_same_device(q, v, "q", "v")
     r = _check_rotary(d, rotary_dim) if rope else 0
     if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise TypeError("key_padding_mask must be a bool tensor (True = keep) or None")
+        check_bool_tensor(key_padding_mask, "key_padding_mask")
         if tuple(key_padding_mask.shape) != (bsz, lk):
             raise ValueError(f"key_padding_mask must have shape ({bsz}, {lk}), got "
                              f"{tuple(key_padding_mask.shape)}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask must be on {q.device}")
+        check_same_device(q, key_padding_mask, "q", "key_padding_mask")
     qpos = _check_positions(q_positions if rope else None, bsz, lq, q.device, "q_positions")
     kpos = _check_positions(k_positions if rope else None, bsz, lk, q.device, "k_positions")
     return bsz, hq, hk, lq, lk, d, v.shape[3], r, qpos, kpos
@@ -628,6 +623,7 @@ def rope_attention_forward(q, k, v, key_padding_mask, q_positions, k_positions, 
     bsz, hq, hk, lq, lk, d, dv, r, qpos, kpos = _check_attention(
         q, k, v, key_padding_mask, q_positions, k_positions, rope, rotary_dim)
     base = _check_base(rope_base) if rope else 10000.0
+    check_finite_number(scale, "scale")
     out = torch.empty((bsz, hq, lq, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((bsz, hq, lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -685,6 +681,7 @@ def rope_attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, q_pos
         BLOCK_DV=meta["BLOCK_DV"], **pre)
     cfg = dict(config) if config is not None else _bwd_config(q.dtype, lq, lk)
     ptrs, strides = _mask_args(q, key_padding_mask, qpos, kpos)
+    check_finite_number(scale, "scale")
     scalars = (float(scale), float(scale) * LOG2E, _theta(base, r, q.device))
     _rope_attn_bwd_dkdv_kernel[(bsz * hk, triton.cdiv(lk, cfg["BLOCK_N"]))](
         q, k, v, grad_out, lse, delta, dk, dv, *ptrs, *q.stride(), *k.stride(), *v.stride(),
