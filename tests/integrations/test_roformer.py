@@ -121,3 +121,16 @@ def test_unsupported_configs_raise():
     with pytest.raises(ValueError, match="neither a key padding mask"):
         kx(ids, attention_mask=custom)
 
+
+
+def test_bfloat16_error_within_eager():
+    """bf16 patched model: error against the float32 model at most 2x that of HF eager in bf16."""
+    kx, ref = pair(config())
+    ids, mask = batch("cpu")
+    with torch.no_grad():
+        exact = ref(ids, attention_mask=mask)[0]
+        eager = ref.to(torch.bfloat16)(ids, attention_mask=mask)[0].float()
+        fused = kx.to(torch.bfloat16)(ids, attention_mask=mask)[0]
+    assert fused.dtype == torch.bfloat16
+    err, base = (fused.float() - exact).abs().max(), (eager - exact).abs().max()
+    assert err <= 2 * base + 1e-3, f"patched bf16 error {err:.3g} vs eager bf16 {base:.3g}"
