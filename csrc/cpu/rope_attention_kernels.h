@@ -124,7 +124,7 @@ inline float row_bias_max(float* row, const float* bias, int64_t n) {
   return m;
 }
 
-// 2^x for x <= 0 (the scores run in log2 units: q carries scale * log2(e)), exactly 0 below
+// 2^x for x <= 64 (the scores run in log2 units: q carries scale * log2(e)), exactly 0 below
 // -126 and for -inf. Cephes exp2f: x = n + f, f in [-0.5, 0.5], 2^f by a degree-6 polynomial
 // (1.6 ulp), 2^n added to the exponent. About half the work of the general vexp (no overflow or
 // subnormal range to handle).
@@ -177,6 +177,49 @@ inline float row_exp2_sum(float* row, int64_t n, int64_t n_total, float sub) {
   }
   for (j = n; j < n_total; ++j) row[j] = 0.f;
   return hsum(acc);
+}
+
+// One pass for a block after the first (lazy rescaling, as FlashAttention-3 does): row[j] (+ bias)
+// -> 2^(row[j] - m) with m the running max of the earlier blocks, capped at 2^kExpCap; *bmax gets
+// the block's max (of the biased scores). Returns the sum; row[n..n_total) = 0.
+constexpr float kExpCap = 64.f;
+template <typename A>
+inline A row_exp2_sum_max(A* row, const A* bias, int64_t n, int64_t n_total, A m, A* bmax) {
+  A s = 0, bm = neg_inf<A>();
+  for (int64_t j = 0; j < n; ++j) {
+    const A x = bias != nullptr ? row[j] + bias[j] : row[j];
+    bm = x > bm ? x : bm;
+    const A d = x - m;
+    row[j] = std::exp2(d < A(kExpCap) ? d : A(kExpCap));
+    s += row[j];
+  }
+  for (int64_t j = n; j < n_total; ++j) row[j] = 0;
+  *bmax = bm;
+  return s;
+}
+
+inline float row_exp2_sum_max(float* row, const float* bias, int64_t n, int64_t n_total, float m, float* bmax) {
+  const vfloat vm = vbroadcast(m), cap = vbroadcast(kExpCap);
+  vfloat acc = vbroadcast(0.f), vb = vbroadcast(neg_inf<float>());
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    vfloat x = vload(row + j);
+    if (bias != nullptr) x += vload(bias + j);
+    vb = vmax(vb, x);
+    const vfloat e = vexp2_neg(vmin(x - vm, cap));
+    vstore(row + j, e);
+    acc += e;
+  }
+  float bm = hmax(vb), s = hsum(acc);
+  for (; j < n; ++j) {
+    const float x = bias != nullptr ? row[j] + bias[j] : row[j];
+    bm = x > bm ? x : bm;
+    row[j] = vexp2_neg(vbroadcast(std::min(x - m, kExpCap)))[0];
+    s += row[j];
+  }
+  for (j = n; j < n_total; ++j) row[j] = 0.f;
+  *bmax = bm;
+  return s;
 }
 
 template <typename A>
@@ -328,6 +371,7 @@ inline void pack_queries(const AttnArgs& a, int64_t b, int64_t h, int64_t m0, in
 }
 
 constexpr double kLog2e = 1.4426950408889634074, kLn2 = 0.69314718055994530942;
+constexpr double kLazyLog2 = 8.0;  // probabilities may reach 2^8 before the running max moves
 
 template <typename T>
 void attn_forward(const AttnArgs& a) {
@@ -358,17 +402,39 @@ void attn_forward(const AttnArgs& a) {
         for (int64_t r = 0; r < qn; ++r) {
           A* row = s.data() + r * kn;
           const int64_t nc = a.causal ? causal_cols(m0 + r, n0, kn, a.Lq, a.Lk) : kn;
-          const A bm = row_bias_max(row, bias != nullptr ? bias + n0 : nullptr, nc);
-          const A mnew = bm > mx[r] ? bm : mx[r];
-          if (mnew == neg_inf<A>()) {  // nothing seen yet: P = 0
+          const A* brow = bias != nullptr ? bias + n0 : nullptr;
+          if (mx[r] != neg_inf<A>()) {
+            // Lazy rescaling: exponentiate against the running max in the same pass that finds the
+            // block max; only a rise above it by more than kLazyLog2 costs a rescale.
+            A bm;
+            A ps = row_exp2_sum_max(row, brow, nc, kn, mx[r], &bm);
+            if (bm > mx[r] + A(kLazyLog2)) {
+              if (bm - mx[r] <= A(kExpCap)) {  // no value was capped: rescale in place
+                const A f = std::exp2(mx[r] - bm);
+                row_scale(row, nc, f);
+                ps *= f;
+              } else {  // a jump past the cap (rare): recompute this row's scores
+                for (int64_t j = 0; j < nc; ++j)
+                  row[j] = row_dot(qs.data() + r * a.D, hp.k + (n0 + j) * hp.ldk, a.D) + (brow ? brow[j] : A(0));
+                ps = row_exp2_sum(row, nc, kn, bm);
+              }
+              const A alpha = std::exp2(mx[r] - bm);
+              sm[r] = sm[r] * alpha + ps;
+              mx[r] = bm;
+              row_scale(o.data() + r * a.Dv, a.Dv, alpha);
+            } else {
+              sm[r] += ps;
+            }
+            continue;
+          }
+          const A bm = row_bias_max(row, brow, nc);
+          if (bm == neg_inf<A>()) {  // nothing seen yet: P = 0
             for (int64_t j = 0; j < kn; ++j) row[j] = 0;
             continue;
           }
-          const A ps = row_exp2_sum(row, nc, kn, mnew);
-          const A alpha = mx[r] == neg_inf<A>() ? A(0) : std::exp2(mx[r] - mnew);
-          sm[r] = sm[r] * alpha + ps;
-          mx[r] = mnew;
-          if (!first && alpha != A(1)) row_scale(o.data() + r * a.Dv, a.Dv, alpha);
+          sm[r] = row_exp2_sum(row, nc, kn, bm);
+          mx[r] = bm;
+          // an O row with no mass so far holds zeros (or is overwritten by the first product)
         }
         // O (qn, Dv) (+)= P V
         blas_gemm(false, false, a.Dv, qn, kn, A(1), hp.v + n0 * hp.ldv, hp.ldv, s.data(), kn, first ? A(0) : A(1),

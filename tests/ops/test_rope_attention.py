@@ -135,6 +135,24 @@ def test_fully_masked_rows_zero_and_zero_grad(device):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("jump", [6.0, 40.0])
+def test_attention_running_max_jumps(device, jump):
+    """Later key blocks whose scores jump far above the earlier ones: the CPU forward exponentiates
+    against the running max and rescales only on a rise of more than 2^8 (jump 6: rises of 17-30
+    in log2 units) and recomputes the row past its 2^64 cap (jump 40: rises of 113-132)."""
+    q, k, v = _inputs(1, 2, 2, 8, 1300, 16, 16, torch.float32, device)
+    with torch.no_grad():
+        k[:, :, 600:] *= 1 + jump / 4
+        k[:, :, 1100:] *= 2
+        q.mul_(2)
+    for kw in (dict(rope=False), dict(), dict(key_padding_mask=torch.arange(1300, device=device)[None] % 7 != 3)):
+        _check_against_reference(lambda q, k, v: kx.rope_attention(q, k, v, **kw),
+                                 lambda q, k, v: ref.rope_attention(q, k, v, **{n: (t.cpu() if isinstance(t, torch.Tensor)
+                                                                                    else t) for n, t in kw.items()}),
+                                 [q, k, v], torch.float32, f"jump {jump} {list(kw)}")
+
+
+@pytest.mark.parametrize("device", devices())
 def test_attention_strided_inputs(device):
     # (B, L, H, D) projections viewed as (B, H, L, D): stride(-1) == 1 but not contiguous
     B, L, H, D = 2, 33, 3, 16
