@@ -8,8 +8,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -237,10 +235,6 @@ void setup_attention(AttnArgs& a, const at::Tensor& q, const at::Tensor& k, cons
   // keys a gemm covers).
   a.q_block = Lq >= 768 ? 256 : (Lq >= 192 ? 64 : 32);
   a.k_block = 512;
-  if (const char* e = std::getenv("KX_ROPE_BLOCKS")) {  // TEMP tuning knob
-    long long qb = 0, kb = 0;
-    if (std::sscanf(e, "%lld,%lld", &qb, &kb) == 2 && qb > 0 && kb > 0) a.q_block = qb, a.k_block = kb;
-  }
   a.qtab = a.ktab = nullptr;
   a.qtab_bs = a.ktab_bs = a.qtab_row0 = a.ktab_row0 = 0;
   if (!rope || Lq == 0 || Lk == 0) return;
