@@ -82,6 +82,25 @@ TORCH_LIBRARY(kxkernels, m) {
         "float tol, bool newton) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("wrd_bwd(Tensor grad, Tensor x, Tensor y, Tensor? x_mask, Tensor? y_mask, Tensor f, "
         "Tensor g, float eps) -> (Tensor, Tensor)");
+  // ---- RoPE and fused RoPE attention (RoFormer) ----------------------------------------------
+  // x (B, H, L, D); positions None (= offset + arange(L)) or int64 (B, L) (a stride-0 expanded
+  // (L,) view is fine). Rotates the first rotary_dim channels by positions * base^(-2i/rotary_dim)
+  // (angles float32), pairs (2i, 2i+1) when interleaved else (i, i + rotary_dim/2); inverse
+  // rotates by the negative angle (the backward). Returns x's shape and dtype.
+  m.def("apply_rope_fwd(Tensor x, Tensor? positions, int offset, float base, bool interleaved, "
+        "int rotary_dim, bool inverse) -> Tensor");
+  // q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), Hq % Hk == 0; key_padding_mask bool
+  // (B, Lk) True = keep; positions int64 (B, L) or None (k: arange(Lk), q: Lk - Lq + arange(Lq)).
+  // softmax(scale * R(q) R(k)^T + masks) v, causal bottom-right aligned. Returns out (B, Hq, Lq, Dv)
+  // in q's dtype and lse (B, Hq, Lq) float32 (float64 for float64 input): log-sum-exp of the
+  // scaled masked scores, +inf for a fully masked row (whose out is 0).
+  m.def("rope_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? q_positions, "
+        "Tensor? k_positions, bool causal, float scale, bool rope, float rope_base, bool interleaved, "
+        "int rotary_dim) -> (Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v) shaped and typed like q, k, v; rotated tiles recomputed.
+  m.def("rope_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? key_padding_mask, Tensor? q_positions, Tensor? k_positions, bool causal, float scale, "
+        "bool rope, float rope_base, bool interleaved, int rotary_dim) -> (Tensor, Tensor, Tensor)");
 }
 
 static pybind11::dict build_info() {

@@ -21,6 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kxkernels.ops.global_pointer import triton as global_pointer_tk
+from kxkernels.ops.rope_attention import triton as rope_attention_tk
 from kxkernels.ops.sparse_softmax import triton as sparse_softmax_tk
 
 CUDA_CAPS = (80, 90)
@@ -183,7 +184,77 @@ def _global_pointer_entries():
     return entries
 
 
-AOT_KERNELS: list[AOTKernel] = [*_sparse_softmax_entries(), *_global_pointer_entries()]
+_ROPE_INT_ARGS = {"H", "L", "D", "R", "Hq", "Hk", "GROUP", "Lq", "Lk", "DV"}
+
+
+def _rope_signature(fn, x_ty: str, constexprs) -> dict:
+    """Launch types of a rope_attention kernel: tensors of the input dtype except lse/delta/theta
+    (fp32), the mask (u8 view of bool) and positions (i64); strides i64; sizes i32."""
+    special = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "theta_ptr": "*fp32", "kpm_ptr": "*u8",
+               "qpos_ptr": "*i64", "kpos_ptr": "*i64", "pos_ptr": "*i64"}
+    sig = {}
+    for n in fn.arg_names:
+        if n in constexprs:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            sig[n] = special.get(n, f"*{x_ty}")
+        elif n in _ROPE_INT_ARGS:
+            sig[n] = "i32"
+        elif n in ("scale", "scale_log2"):
+            sig[n] = "fp32"
+        elif n == "offset" or n.startswith("s") or n.endswith(("_sb", "_sl")):
+            sig[n] = "i64"  # strides and the position offset
+        else:
+            raise ValueError(f"{fn.__name__}: no launch type for argument {n}")
+    return sig
+
+
+def _rope_attention_entries():
+    tk = rope_attention_tk
+    attn_flags = ("BLOCK_M", "BLOCK_N", "HALF", "PASS", "BLOCK_DV", "INTERLEAVED", "CAUSAL",
+                  "HAS_MASK", "HAS_QPOS", "HAS_KPOS", "LOWP_DOT")
+    attn = (("fwd", tk._rope_attn_fwd_kernel, tk.FWD_CONFIGS),
+            ("bwd_dkdv", tk._rope_attn_bwd_dkdv_kernel, tk.BWD_CONFIGS),
+            ("bwd_dq", tk._rope_attn_bwd_dq_kernel, tk.BWD_CONFIGS))
+    # (name, dtype, fixed constexprs, which configs): the full sweep on the heaviest variant
+    # (D = Dv = 128, every option on), then one config for other dtypes and column splits
+    # (HALF / PASS: rotated pairs and pass-through tiles; HALF = 0 is rope=False).
+    variants = (
+        ("bf16-D128-all", "bf16", dict(HALF=64, PASS=0, BLOCK_DV=128, INTERLEAVED=True, CAUSAL=True,
+                                       HAS_MASK=True, HAS_QPOS=True, HAS_KPOS=True, LOWP_DOT=True),
+         slice(None)),
+        ("fp32-D64-half-partial", "fp32", dict(HALF=16, PASS=32, BLOCK_DV=64, INTERLEAVED=False,
+                                               CAUSAL=False, HAS_MASK=False, HAS_QPOS=False,
+                                               HAS_KPOS=False, LOWP_DOT=False), slice(-1, None)),
+        ("fp16-D64-norope", "fp16", dict(HALF=0, PASS=64, BLOCK_DV=32, INTERLEAVED=True,
+                                         CAUSAL=True, HAS_MASK=True, HAS_QPOS=False,
+                                         HAS_KPOS=False, LOWP_DOT=True), slice(0, 1)),
+    )
+    entries = []
+    for vname, x_ty, cex, pick in variants:
+        for kname, fn, configs in attn:
+            sig = _rope_signature(fn, x_ty, set(cex) | {"BLOCK_M", "BLOCK_N"})
+            assert set(attn_flags) <= set(sig)
+            entries.append(AOTKernel(f"rope_attn_{kname}-{vname}", fn, sig, cex, tuple(configs[pick])))
+    pre_cex = {"BLOCK_DV": 128}
+    for x_ty in ("bf16", "fp32"):
+        entries.append(AOTKernel(f"rope_attn_bwd_pre-{x_ty}", tk._rope_attn_bwd_pre_kernel,
+                                 _rope_signature(tk._rope_attn_bwd_pre_kernel, x_ty,
+                                                 {"BLOCK_M", "BLOCK_DV"}),
+                                 pre_cex, tuple(tk.PRE_CONFIGS)))
+    rope_variants = (("bf16-interleaved-pos", "bf16", dict(HALF=64, PASS=0, INTERLEAVED=True,
+                                                            HAS_POS=True, INVERSE=False),
+                      tuple(tk.ROPE_CONFIGS)),
+                     ("fp32-half-partial-inverse", "fp32", dict(HALF=16, PASS=32, INTERLEAVED=False,
+                                                                HAS_POS=False, INVERSE=True),
+                      tuple(tk.ROPE_CONFIGS[:1])))
+    for vname, x_ty, cex, configs in rope_variants:
+        sig = _rope_signature(tk._rope_kernel, x_ty, set(cex) | {"BLOCK_L"})
+        entries.append(AOTKernel(f"apply_rope-{vname}", tk._rope_kernel, sig, cex, configs))
+    return entries
+
+
+AOT_KERNELS: list[AOTKernel] = [*_sparse_softmax_entries(), *_global_pointer_entries(), *_rope_attention_entries()]
 
 
 def aot_cases():

@@ -54,10 +54,17 @@ def test_registry_covers_every_kernel():
 
 
 def test_registry_sweeps_every_tuning_config():
-    """A module's TUNING_CONFIGS (what its launchers choose from) are all compiled, per kernel."""
+    """A module's TUNING_CONFIGS (what its launchers choose from) are all compiled, per kernel;
+    a module whose kernels choose from different lists names them in KERNEL_CONFIGS
+    (kernel name -> configs)."""
     checked = 0
     for name, (fn, module) in _package_kernels().items():
         configs = getattr(module, "TUNING_CONFIGS", None)
+        per_kernel = getattr(module, "KERNEL_CONFIGS", None)
+        if per_kernel is not None:
+            kernel = name.rsplit(".", 1)[1]
+            assert kernel in per_kernel, f"{name}: missing from its module's KERNEL_CONFIGS"
+            configs = per_kernel[kernel]
         if configs is None:
             continue
         swept = [cfg for e in AOT_KERNELS if e.fn is fn for cfg in e.configs]

@@ -1,0 +1,1 @@
+"""Swapping kxkernels ops into existing models (``kxkernels.integrations.transformers``)."""
