@@ -87,4 +87,18 @@ PYBIND11_MODULE(_C, m) {
         return std::string(kx::isa_name(kx::set_cpu_isa(want)));
       }, "Cap the CPU kernels' ISA level (a level above the CPU's runs the CPU's); returns the level in force");
   m.def("empty_cache", &kx::zeroed_pool_release, "Unmap every mapping the output pool keeps");
+  m.def("pool_stats", [] {
+        const kx::ZeroedPoolStats st = kx::zeroed_pool_stats();
+        pybind11::dict d;
+        d["cached_bytes"] = st.cached_bytes;
+        d["cap_bytes"] = st.cap_bytes;
+        d["live_bytes"] = st.live_bytes;
+        d["cached_mappings"] = st.cached_mappings;
+        d["hits"] = st.hits;
+        d["misses"] = st.misses;
+        d["evictions"] = st.evictions;
+        return d;
+      }, "Output pool: bytes kept, cap, bytes handed out and alive, hits, misses, evictions");
+  m.def("set_pool_cap", &kx::zeroed_pool_set_cap, "Set the output pool's cap in bytes (evicts down to it)");
+  m.def("reset_pool_counters", &kx::zeroed_pool_reset_counters, "Zero the pool's hit/miss/eviction counters");
 }
