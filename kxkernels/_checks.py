@@ -48,3 +48,11 @@ def check_positive(v, name: str) -> None:
 def check_same_device(a: torch.Tensor, b: torch.Tensor, na: str, nb: str) -> None:
     if a.device != b.device:
         raise ValueError(f"{na} and {nb} must be on the same device, got {a.device} and {b.device}")
+
+
+def check_dim_arg(dim, ndim: int, name: str = "dim") -> int:
+    """``dim`` as a non-negative index into a tensor of ``ndim`` dims (``-ndim <= dim < ndim``)."""
+    check_int_arg(dim, name)
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name} must be in [{-ndim}, {ndim - 1}] for a {ndim}-D tensor, got {dim}")
+    return dim % ndim
