@@ -144,26 +144,38 @@ inline uint64_t block_candidates16(const T* b, uint16_t thr_bits, float thr, Neg
   return m;
 #elif KX_ISA_LEVEL == 1
   const __m256i kv = _mm256_set1_epi16(int16_t(thr_bits));
+  __m256i c[kBlock / 16];
   __m256i any = _mm256_setzero_si256();
-  for (int64_t s = 0; s < kBlock; s += 16) {
-    const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + s));
+  for (int64_t s = 0; s < kBlock / 16; ++s) {
+    const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 16 * s));
     nn.acc = _mm256_max_epu16(nn.acc, t);
-    any = _mm256_or_si256(any, _mm256_cmpgt_epi16(t, kv));
+    c[s] = _mm256_cmpgt_epi16(t, kv);
+    any = _mm256_or_si256(any, c[s]);
   }
   if (_mm256_testz_si256(any, any)) return 0;
+  // a hit: 16-bit lane masks to bits. packs keeps 0 / -1 as bytes but interleaves the 128-bit
+  // halves of its two inputs; the 64-bit permute puts them back in order.
+  uint64_t m = 0;
+  for (int64_t s = 0; s < kBlock / 16; s += 2) {
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi16(c[s], c[s + 1]), 0xd8);
+    m |= uint64_t(uint32_t(_mm256_movemask_epi8(p))) << (16 * s);
+  }
+  return m;
 #else
   const __m128i kv = _mm_set1_epi16(int16_t(thr_bits)), ninf = _mm_set1_epi16(int16_t(Bits16<T>::kNegInf));
+  __m128i c[kBlock / 8];
   __m128i any = _mm_setzero_si128();
-  for (int64_t s = 0; s < kBlock; s += 8) {
-    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + s));
+  for (int64_t s = 0; s < kBlock / 8; ++s) {
+    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 8 * s));
     nn.acc = _mm_or_si128(nn.acc, _mm_subs_epu16(t, ninf));  // SSE2 has no unsigned 16-bit max
-    any = _mm_or_si128(any, _mm_cmpgt_epi16(t, kv));
+    c[s] = _mm_cmpgt_epi16(t, kv);
+    any = _mm_or_si128(any, c[s]);
   }
   if (_mm_movemask_epi8(any) == 0) return 0;
-#endif
-#if KX_ISA_LEVEL < 2
-  // a hit (rare once the k-th value has risen): the lane mask from the float32 compares
-  return block_candidates<T>(b, thr);
+  uint64_t m = 0;
+  for (int64_t s = 0; s < kBlock / 8; s += 2)
+    m |= uint64_t(uint32_t(_mm_movemask_epi8(_mm_packs_epi16(c[s], c[s + 1])))) << (8 * s);
+  return m;
 #endif
 }
 
