@@ -144,7 +144,7 @@ def _real_cases(n, device, dtypes):
         return []
     out = []
     for dtype in dtypes:
-        x = x32.to(dtype).requires_grad_()
+        x = x32.detach().to(dtype).requires_grad_()  # a leaf of its own per dtype (not a view of x32's graph)
         note = ("real logits: all-MiniLM-L6-v2 hidden states of sts-forums.tsv sentences @ its word "
                 f"embeddings (V=30522), target = the NEXT token id ([SEP] after the last word), {x.shape[0]} tokens")
         out += _ce_cases(x, t, device, f"N={x.shape[0]} V={x.shape[1]} k={K} (MiniLM)", note, directions=(True,))
