@@ -4,10 +4,13 @@ Providers: kxkernels (C++ on CPU, Triton on CUDA), the eager reference in
 kxkernels/ops/sparse_softmax/reference.py, and the dense cross-entropy the sparse loss has to beat
 (``F.cross_entropy``; Liger-Kernel's on CUDA when installed). A fwd+bwd step is
 ``loss.backward()`` on a leaf ``x`` followed by ``x.grad = None``, so every provider allocates and
-frees its own gradient inside the timed step, as a training loop with ``zero_grad()`` does.
+frees its own gradient inside the timed step, as a training loop with ``zero_grad()`` (set_to_none)
+does. Each case's ``bytes`` is what it must move at least; benchmarks/run.py divides it by the stream
+probe of the same run to give the bandwidth floor.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -21,7 +24,6 @@ K = 10
 VOCABS = (32000, 50257)
 SOFTMAX_VOCAB = 32000
 ERROR_ROWS = 256                   # rows of the float64 reference in max_error
-CPU_STREAM_GBPS = 40.0             # 2-thread streaming bandwidth, ../shared/BENCHMARKING.md
 
 
 # ---- one measured step per provider ---------------------------------------------------------------
@@ -96,11 +98,8 @@ def _softmax_error(x, grad_out):
 
 # ---- cases ----------------------------------------------------------------------------------------
 def _bandwidth_note(nbytes, device, what):
-    if device != "cpu":
-        return f"bytes = {what} = {nbytes / 1e6:.0f} MB; compare kx GB/s with the device's memory bandwidth"
-    floor_ms = nbytes / (CPU_STREAM_GBPS * 1e9) * 1e3
-    return (f"bytes = {what} = {nbytes / 1e6:.0f} MB: at ~{CPU_STREAM_GBPS:.0f} GB/s (2 threads, "
-            f"BENCHMARKING.md) the floor is {floor_ms:.1f} ms; kx ms / {floor_ms:.1f} is how far kx is from it")
+    return (f"bytes = {what} = {nbytes / 1e6:.0f} MB; the floor is bytes / the stream probe's rate in this "
+            "run (column kx / bandwidth floor)")
 
 
 def _ce_peers(x, t, device, backward):
@@ -113,13 +112,14 @@ def _ce_peers(x, t, device, backward):
     return peers
 
 
-def _ce_cases(x, t, device, shape, extra_note=""):
+def _ce_cases(x, t, device, shape, extra_note="", directions=(True, False)):
     n, v = x.shape
+    item = x.element_size()
     out = []
-    for backward in (True, False):
-        nbytes = 4 * n * v * (2 if backward else 1)
-        what = "logits read once + gradient written once (4*N*V*2)" if backward else "logits read once (4*N*V)"
-        note = _bandwidth_note(nbytes, device, what)
+    for backward in directions:
+        nbytes = item * n * v * (2 if backward else 1)
+        what = (f"logits read once + gradient written once ({item}*N*V*2)" if backward
+                else f"logits read once ({item}*N*V)")
         out.append(Case(
             op="sparse_softmax_cross_entropy " + ("fwd+bwd" if backward else "fwd"),
             shape=shape, dtype=str(x.dtype).removeprefix("torch."), device=device,
@@ -128,25 +128,33 @@ def _ce_cases(x, t, device, shape, extra_note=""):
             peers=_ce_peers(x, t, device, backward),
             max_error=_ce_error(x, t, backward),
             bytes=nbytes,
-            note="; ".join(filter(None, [extra_note, note])),
+            note="; ".join(filter(None, [extra_note, _bandwidth_note(nbytes, device, what)])),
         ))
     return out
 
 
-def _real_cases(n, device):
+def _real_cases(n, device, dtypes):
     from benchmarks.real_data import RealDataUnavailable, minilm_logits
+    # KX_STS_TSV: the STS file when ../shared/data is not beside the checkout (a git worktree)
+    path = {"path": os.environ["KX_STS_TSV"]} if os.environ.get("KX_STS_TSV") else {}
     try:
-        x, t = minilm_logits(n, target="next", device=device)
+        x32, t = minilm_logits(n, target="next", device=device, **path)
     except RealDataUnavailable as e:
         warnings.warn(f"sparse_softmax: skipping the real-logits case: {e}")
         return []
-    x.requires_grad_()
-    note = ("real logits: all-MiniLM-L6-v2 hidden states of sts-forums.tsv sentences @ its word "
-            f"embeddings (V=30522), target = the NEXT token id ([SEP] after the last word), {x.shape[0]} tokens")
-    return _ce_cases(x, t, device, f"N={x.shape[0]} V={x.shape[1]} k={K} (MiniLM)", note)[:1]
+    out = []
+    for dtype in dtypes:
+        x = x32.detach().to(dtype).requires_grad_()  # a leaf of its own per dtype (not a view of x32's graph)
+        note = ("real logits: all-MiniLM-L6-v2 hidden states of sts-forums.tsv sentences @ its word "
+                f"embeddings (V=30522), target = the NEXT token id ([SEP] after the last word), {x.shape[0]} tokens")
+        out += _ce_cases(x, t, device, f"N={x.shape[0]} V={x.shape[1]} k={K} (MiniLM)", note, directions=(True,))
+    return out
 
 
 def cases(device: str, quick: bool) -> list[Case]:
+    """CE fwd+bwd and fwd at N=4096 (1024 quick) for V=32000 and 50257 in float32; CE fwd+bwd in
+    bfloat16 at V=32000; sparse_softmax fwd+bwd at V=32000; CE fwd+bwd on the real MiniLM logits
+    (V=30522) in float32 and bfloat16."""
     n = 1024 if quick else 4096
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -155,6 +163,8 @@ def cases(device: str, quick: bool) -> list[Case]:
         t = torch.randint(v, (n,), generator=gen).to(device)
         out += _ce_cases(x, t, device, f"N={n} V={v} k={K}")
         if v == SOFTMAX_VOCAB:
+            xb = x.detach().to(torch.bfloat16).requires_grad_()
+            out += _ce_cases(xb, t, device, f"N={n} V={v} k={K}", directions=(True,))
             grad_out = torch.randn(n, v, generator=gen).to(device)
             nbytes = 4 * n * v * 4
             out.append(Case(
@@ -167,4 +177,4 @@ def cases(device: str, quick: bool) -> list[Case]:
                 note=_bandwidth_note(nbytes, device, "x read, probs written, grad_out read, grad written "
                                                      "(4*N*V*4)"),
             ))
-    return out + _real_cases(n, device)
+    return out + _real_cases(n, device, (torch.float32, torch.bfloat16))

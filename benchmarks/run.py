@@ -9,7 +9,8 @@ reference, each installed peer), then times them round-robin in this one process
 runs each provider once, the start rotated by one each round so no provider always follows the
 same neighbour -- and reports medians. Each round first runs a fixed sgemm probe whose rate shows
 how contended the machine was (../shared/BENCHMARKING.md: throughput here swings for tens of
-seconds at a time). Results go to stdout (a markdown table) and to ``<out>/results.json``,
+seconds at a time), and a stream probe (a large tensor copy) whose GB/s gives each case's
+bandwidth floor: ``Case.bytes`` over that rate, printed as "kx / bandwidth floor". Results go to stdout (a markdown table) and to ``<out>/results.json``,
 ``results.md`` and ``speedups.png``. Performance is measured and reported, never asserted.
 
 benchmarks/test_bench.py drives the same :class:`CaseTimer` from pytest-benchmark.
@@ -48,6 +49,8 @@ MIN_SAMPLE_SECONDS = 0.005        # shorter calls are repeated inside one sample
 MAX_INNER_CALLS = 1000
 PROBE_SIZE = {"cpu": 512, "cuda": 4096}   # square float32 sgemm, PROBE_REPS products per round
 PROBE_REPS = 4
+STREAM_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}   # the stream probe's tensor, well past the caches
+STREAM_REPS = 2
 RSS_SAMPLE_SECONDS = 0.001
 
 
@@ -90,6 +93,34 @@ class SgemmProbe:
     def describe(self) -> str:
         threads = f", {torch.get_num_threads()} threads" if self.device == "cpu" else ""
         return f"{self.size}x{self.size}x{self.size} float32 torch.mm x{PROBE_REPS} on {self.device}{threads}"
+
+
+class StreamProbe:
+    """A fixed large tensor copy (``dst.copy_(src)``, both already resident) whose rate, taken once
+    per round beside the sgemm probe, is the memory bandwidth of the same run: the floor of a
+    memory-bound case is its ``Case.bytes`` over this rate. Counted as read + write (2 x the
+    tensor's bytes), as ../shared/BENCHMARKING.md counts streaming bandwidth."""
+
+    def __init__(self, device: str):
+        self.device, self.nbytes = device, STREAM_BYTES[device]
+        self.src = torch.ones(self.nbytes // 4, device=device)
+        self.dst = torch.zeros_like(self.src)
+        self.gb = 2 * self.nbytes * STREAM_REPS / 1e9
+        self.rate()                                   # warm-up: pages touched, threads up
+
+    def _copies(self):
+        for _ in range(STREAM_REPS):
+            self.dst.copy_(self.src)
+
+    def rate(self) -> float:
+        """GB/s of the copies (bytes read + bytes written over the time)."""
+        self.last_seconds = time_call(self._copies, self.device)
+        return self.gb / self.last_seconds
+
+    def describe(self) -> str:
+        threads = f", {torch.get_num_threads()} threads" if self.device == "cpu" else ""
+        return (f"{self.nbytes >> 20} MiB float32 tensor copy_ x{STREAM_REPS} on {self.device}{threads}, "
+                "read + write counted")
 
 
 # ---- peak memory ----------------------------------------------------------------------------------
@@ -191,8 +222,9 @@ class CaseTimer:
     kept; the others go on.
     """
 
-    def __init__(self, case: Case, probe: SgemmProbe):
-        self.case, self.probe, self.device = case, probe, case.device
+    def __init__(self, case: Case, probe: SgemmProbe, stream: Optional["StreamProbe"] = None):
+        self.case, self.probe, self.stream, self.device = case, probe, stream, case.device
+        self.stream_gbps: list[float] = []
         self.fns: dict[str, Callable[[], object]] = {KX: case.kx, REF: case.reference, **case.peers}
         self.peer_names = list(case.peers)
         self.errors: dict[str, str] = {}
@@ -224,6 +256,7 @@ class CaseTimer:
         """Rounds that fit in ``max_seconds`` by the warm-up times, at least MIN_ROUNDS (or
         ``rounds`` when fewer are asked); for drivers that fix the count up front (pytest)."""
         per_round = sum(self.warmup_s[n] * self.inner[n] for n in self.fns) + self.probe.last_seconds
+        per_round += self.stream.last_seconds if self.stream is not None else 0.0
         return max(min(MIN_ROUNDS, rounds), min(rounds, int(max_seconds / max(per_round, 1e-9))))
 
     def measure_memory(self) -> None:
@@ -234,6 +267,8 @@ class CaseTimer:
         """The sgemm probe, then every provider once; the start rotates by one each round."""
         gc.collect()
         self.probe_gflops.append(self.probe.rate())
+        if self.stream is not None:
+            self.stream_gbps.append(self.stream.rate())
         names = list(self.fns)
         if names:
             start = self.rounds % len(names)
@@ -257,6 +292,8 @@ class CaseTimer:
                 max_error = float(case.max_error())
             except Exception as e:
                 max_error_failure = _error_text(e)
+        stream = statistics.median(self.stream_gbps) if self.stream_gbps else None
+        floor_s = case.bytes / (stream * 1e9) if case.bytes and stream else None
         return {
             "op": case.op, "shape": case.shape, "dtype": case.dtype, "device": case.device, "note": case.note,
             "rounds": self.rounds,
@@ -277,14 +314,18 @@ class CaseTimer:
             "kx_gbps": case.bytes / kx / 1e9 if case.bytes and kx else None,
             "provider_errors": self.errors,
             "probe_gflops": self.probe_gflops,
+            "stream_gbps": self.stream_gbps,
+            # kxkernels time over the bandwidth floor (Case.bytes / this case's median stream rate)
+            "floor_s": floor_s,
+            "kx_over_floor": kx / floor_s if kx and floor_s else None,
         }
 
 
 def run_case(case: Case, probe: SgemmProbe, rounds: int, max_seconds: float,
-             on_round: Callable[[int], None] = lambda r: None) -> dict:
+             on_round: Callable[[int], None] = lambda r: None, stream: Optional[StreamProbe] = None) -> dict:
     """Warm up, measure memory, then rounds until ``rounds`` or ``max_seconds`` (at least
     MIN_ROUNDS, or ``rounds`` when fewer are asked)."""
-    timer = CaseTimer(case, probe)
+    timer = CaseTimer(case, probe, stream)
     timer.warmup()
     timer.measure_memory()
     start, min_rounds = time.perf_counter(), min(MIN_ROUNDS, rounds)
@@ -418,7 +459,7 @@ def malloc_regime() -> dict:
 # ---- report ---------------------------------------------------------------------------------------
 COLUMNS = ["op", "shape", "dtype", "device", "kxkernels (ms)", "eager reference (ms)", "best peer (ms)",
            "speed-up vs reference", "speed-up vs best peer", "peak MiB kx / ref", "max error",
-           "kx GFLOP/s / GB/s"]
+           "kx GFLOP/s / GB/s", "kx / bandwidth floor"]
 
 
 def _ms(seconds: Optional[float]) -> str:
@@ -451,7 +492,8 @@ def _row(r: dict) -> list[str]:
     return [r["op"], r["shape"], r["dtype"], r["device"], _provider_cell(r, KX), _provider_cell(r, REF),
             "; ".join([peer] + peer_errors) if peer_errors else peer,
             _x(r["speedup_vs_reference"]), _x(r["speedup_vs_best_peer"]), f"{mib(KX)} / {mib(REF)}",
-            error, f"{_num(r['kx_gflops'], '.1f')} / {_num(r['kx_gbps'], '.1f')}"]
+            error, f"{_num(r['kx_gflops'], '.1f')} / {_num(r['kx_gbps'], '.1f')}",
+            _x(r.get("kx_over_floor"))]
 
 
 def _module_rows(modules: list[LoadedModule]) -> list[list[str]]:
@@ -467,6 +509,14 @@ def _probe_line(rates: list[float], probe_desc: str) -> str:
             "(a low min or a wide spread means the timings ran under contention)")
 
 
+def _stream_line(rates: list[float], desc: str) -> str:
+    if not rates:
+        return f"stream probe ({desc}): no rounds ran"
+    return (f"stream probe ({desc}), one per round: median {statistics.median(rates):.1f} GB/s, "
+            f"min {min(rates):.1f}, max {max(rates):.1f} over {len(rates)} rounds; kx / bandwidth floor = "
+            "kxkernels time / (bytes the case must move / the median stream rate of its own rounds)")
+
+
 def markdown_report(results: list[dict], modules: list[LoadedModule], report: dict) -> str:
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
     rows = [_row(r) for r in results] + _module_rows(modules)
@@ -476,6 +526,7 @@ def markdown_report(results: list[dict], modules: list[LoadedModule], report: di
     lines += [
         "",
         _probe_line(report["probe"]["gflops"], report["probe"]["description"]),
+        _stream_line(report["stream"]["gbps"], report["stream"]["description"]),
         f"malloc regime: {report['malloc_regime']['summary']}"
         + (f" {report['malloc_regime']['env']}" if report["malloc_regime"]["env"] else ""),
         f"timing: median over round-robin rounds ({report['settings']['rounds']} asked, capped at "
@@ -596,7 +647,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "settings": {"quick": args.quick, "device": device, "rounds": rounds,
                      "max_case_seconds": args.max_case_seconds, "ops": names, "argv": sys.argv},
     }
-    probe = SgemmProbe(device)
+    probe, stream = SgemmProbe(device), StreamProbe(device)
     results, modules = [], []
     with _Progress() as progress:
         for name in names:
@@ -609,7 +660,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 label = f"{case.op} [{case.shape}]"
                 progress.step(f"{label}: warm-up")
                 on_round = lambda r: progress.step(f"{label}: round {r}/{rounds}", advance=1)  # noqa: E731
-                result = run_case(case, probe, rounds, args.max_case_seconds, on_round)
+                result = run_case(case, probe, rounds, args.max_case_seconds, on_round, stream)
                 progress.step(f"{label}: done", advance=rounds - result["rounds"])
                 results.append(result)
                 del case
@@ -620,6 +671,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         "description": probe.describe(), "gflops": all_rates,
         "median": statistics.median(all_rates) if all_rates else None,
         "min": min(all_rates, default=None), "max": max(all_rates, default=None),
+    }
+    all_gbps = [g for r in results for g in r["stream_gbps"]]
+    report["stream"] = {
+        "description": stream.describe(), "gbps": all_gbps,
+        "median": statistics.median(all_gbps) if all_gbps else None,
     }
     report["modules"] = {m.name: {"error": m.error, "notes": m.notes} for m in modules}
     report["results"] = results

@@ -36,6 +36,11 @@ def _probe() -> run.SgemmProbe:
     return run.SgemmProbe(DEVICE)
 
 
+@functools.cache
+def _stream() -> run.StreamProbe:
+    return run.StreamProbe(DEVICE)
+
+
 def _test_id(*parts: str) -> str:
     return "-".join(parts).replace(" ", "_").replace("(", "").replace(")", "")
 
@@ -59,7 +64,7 @@ def test_bench(benchmark, name, index):
     if index is None:
         pytest.fail(f"benchmarks/bench_{name}.py: {loaded.error}")
     case = loaded.cases[index]
-    timer = run.CaseTimer(case, _probe())
+    timer = run.CaseTimer(case, _probe(), _stream())
     timer.warmup()
     if run.KX in timer.errors:
         pytest.fail(f"kxkernels failed on {case.op} [{case.shape}]: {timer.errors[run.KX]}")
@@ -81,6 +86,8 @@ def test_bench(benchmark, name, index):
         "kx_gbps": result["kx_gbps"],
         "kx_gflops": result["kx_gflops"],
         "probe_gflops": result["probe_gflops"],
+        "stream_gbps": result["stream_gbps"],
+        "kx_over_floor": result["kx_over_floor"],
         "provider_errors": result["provider_errors"],
         "note": case.note,
     })

@@ -145,4 +145,18 @@ PYBIND11_MODULE(_C, m) {
         d["omega"] = S::kOmega;
         return d;
       }, "The Sinkhorn eps schedule the CPU and CUDA kernels run (common/sinkhorn_schedule.h)");
+  m.def("pool_stats", [] {
+        const kx::ZeroedPoolStats st = kx::zeroed_pool_stats();
+        pybind11::dict d;
+        d["cached_bytes"] = st.cached_bytes;
+        d["cap_bytes"] = st.cap_bytes;
+        d["live_bytes"] = st.live_bytes;
+        d["cached_mappings"] = st.cached_mappings;
+        d["hits"] = st.hits;
+        d["misses"] = st.misses;
+        d["evictions"] = st.evictions;
+        return d;
+      }, "Output pool: bytes kept, cap, bytes handed out and alive, hits, misses, evictions");
+  m.def("set_pool_cap", &kx::zeroed_pool_set_cap, "Set the output pool's cap in bytes (evicts down to it)");
+  m.def("reset_pool_counters", &kx::zeroed_pool_reset_counters, "Zero the pool's hit/miss/eviction counters");
 }

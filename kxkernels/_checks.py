@@ -101,3 +101,9 @@ def resolve_positions(positions, batch: int, length: int, device, name: str):
                              f"got {tuple(p.shape)}")
         return p, 0
     raise ValueError(f"{name} must have shape ({length},) or ({batch}, {length}), got {tuple(p.shape)}")
+def check_dim_arg(dim, ndim: int, name: str = "dim") -> int:
+    """``dim`` as a non-negative index into a tensor of ``ndim`` dims (``-ndim <= dim < ndim``)."""
+    check_int_arg(dim, name)
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name} must be in [{-ndim}, {ndim - 1}] for a {ndim}-D tensor, got {dim}")
+    return dim % ndim

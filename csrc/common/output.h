@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -12,6 +14,10 @@
 #include <limits>
 #if defined(__unix__)
 #include <sys/mman.h>
+#include <unistd.h>
+#endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 namespace kx {
@@ -38,13 +44,59 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
 
 // Big outputs that are zero but for a few entries a row (sparse softmax probabilities and
 // gradients). Fresh pages cost a fault each (about 5 us here; a 512 MiB at::zeros runs at under
-// 1 GB/s), so these come from a small pool of mappings whose pages are already resident: a freed
-// output's mapping goes back to the pool instead of to the OS, and is zeroed again (memset over
-// resident pages, ~30 GB/s) when handed out. The CUDA caching allocator does the same for device
-// memory. A miss maps fresh anonymous pages, which are zero already (calloc semantics), so the
-// kernel writes only its non-zeros. KX_ZERO_POOL_MAX_BYTES bounds what the pool keeps
-// (default 2 GiB; 0 disables it).
-constexpr size_t kZeroPageMinBytes = size_t(4) << 20;
+// 1 GB/s), so these come from a pool of mappings whose pages are already resident: a freed
+// output's mapping goes back to the pool instead of to the OS, and its first `nbytes` are zeroed
+// again (non-temporal stores over resident pages, at memory bandwidth) when handed out. The CUDA caching allocator does
+// the same for device memory. A miss maps fresh anonymous pages, which are zero already.
+//
+// Bounded under varying shapes (every NLP batch has its own):
+// - size classes: a request is rounded up to one of 4 classes per power of two (waste <= 25%),
+//   and a cached mapping up to twice the class serves it as a view of its first bytes, so
+//   neighbouring shapes share mappings;
+// - a cap on the bytes kept (freed mappings only; outputs alive are the caller's): the least
+//   recently freed mappings are unmapped first (LRU) to make room. Default: 1/16 of physical
+//   memory, clamped to [256 MiB, 4 GiB]; KX_ZERO_POOL_MAX_BYTES overrides it (0 disables the
+//   pool), kx::zeroed_pool_set_cap at run time (kxkernels.memory.set_cap_bytes).
+// torch's memory accounting does not see these mappings; kxkernels.memory reports them.
+constexpr size_t kZeroPageMinBytes = size_t(4) << 20;   // smaller outputs: at::zeros
+constexpr int kZeroPoolClassesPerOctave = 4;
+constexpr size_t kZeroPoolMaxViewFactor = 2;            // a mapping serves requests down to half its size
+constexpr size_t kZeroPoolCapMinBytes = size_t(256) << 20, kZeroPoolCapMaxBytes = size_t(4) << 30;
+constexpr size_t kZeroPoolCapFractionOfRam = 16;
+
+// The size class of a request: the next of 4 steps per power of two (p, 1.25p, 1.5p, 1.75p, 2p).
+inline size_t zeroed_pool_class_bytes(size_t nbytes) {
+  size_t p = 1;
+  while (p * 2 <= nbytes) p *= 2;
+  const size_t step = std::max<size_t>(p / kZeroPoolClassesPerOctave, 4096);
+  return (nbytes + step - 1) / step * step;
+}
+
+struct ZeroedPoolStats {
+  size_t cached_bytes = 0, cap_bytes = 0, live_bytes = 0, cached_mappings = 0;
+  uint64_t hits = 0, misses = 0, evictions = 0;
+};
+
+// Zeroes a resident buffer with non-temporal stores (SSE2, the x86-64 baseline): the lines are
+// written without being read first and without evicting the caches; about 3x memset's rate here
+// on a buffer past the caches (memset reads each line before writing it at these sizes).
+inline void zero_streaming(char* p, size_t n) {
+#if defined(__SSE2__)
+  size_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(p + i) & 15) != 0; ++i) p[i] = 0;
+  const __m128i z = _mm_setzero_si128();
+  for (; i + 64 <= n; i += 64) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p + i), z);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p + i + 16), z);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p + i + 32), z);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p + i + 48), z);
+  }
+  for (; i < n; ++i) p[i] = 0;
+  _mm_sfence();  // the kernel's own stores come after these
+#else
+  std::memset(p, 0, n);
+#endif
+}
 
 #if defined(__unix__)
 class ZeroedPool {
@@ -54,80 +106,158 @@ class ZeroedPool {
     return *pool;
   }
 
-  void* take(size_t nbytes) {
+  // A zeroed block of at least nbytes; *map_bytes gets the size of the mapping (for give_back).
+  void* take(size_t nbytes, size_t* map_bytes) {
+    const size_t want = zeroed_pool_class_bytes(nbytes);
     void* p = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      for (size_t i = 0; i < free_.size(); ++i) {
-        if (free_[i].second == nbytes) {
-          p = free_[i].first;
-          held_ -= nbytes;
-          free_.erase(free_.begin() + i);
-          break;
-        }
+      size_t best = free_.size();
+      for (size_t i = 0; i < free_.size(); ++i) {  // the smallest cached mapping that fits
+        const size_t sz = free_[i].bytes;
+        if (sz >= want && sz <= want * kZeroPoolMaxViewFactor && (best == free_.size() || sz < free_[best].bytes))
+          best = i;
+      }
+      if (best != free_.size()) {
+        p = free_[best].ptr;
+        *map_bytes = free_[best].bytes;
+        held_ -= *map_bytes;
+        free_.erase(free_.begin() + best);
+        ++stats_.hits;
+      } else {
+        ++stats_.misses;
       }
     }
     if (p != nullptr) {
       char* c = static_cast<char*>(p);
       at::parallel_for(0, int64_t(nbytes), int64_t(1) << 22, [&](int64_t b, int64_t e) {
-        std::memset(c + b, 0, size_t(e - b));
+        zero_streaming(c + b, size_t(e - b));
       });
-      return p;
+    } else {
+      p = mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) return nullptr;
+      *map_bytes = want;
     }
-    p = mmap(nullptr, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    return p == MAP_FAILED ? nullptr : p;
-  }
-
-  size_t held_bytes() {
     std::lock_guard<std::mutex> lock(mu_);
-    return held_;
+    live_ += *map_bytes;
+    return p;
   }
 
-  void release_all() {
-    std::vector<std::pair<void*, size_t>> drop;
+  void give_back(void* p, size_t map_bytes) {
+    std::vector<Mapping> drop;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      drop.swap(free_);
-      held_ = 0;
-    }
-    for (auto& m : drop) munmap(m.first, m.second);
-  }
-
-  void give_back(void* p, size_t nbytes) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (held_ + nbytes <= max_bytes_) {
-        free_.emplace_back(p, nbytes);
-        held_ += nbytes;
-        return;
+      live_ -= map_bytes;
+      if (map_bytes <= max_bytes_) {
+        evict_locked(max_bytes_ - map_bytes, &drop);
+        free_.push_back({p, map_bytes});  // the back is the most recently freed
+        held_ += map_bytes;
+        p = nullptr;
       }
     }
-    munmap(p, nbytes);
+    if (p != nullptr) munmap(p, map_bytes);
+    for (auto& m : drop) munmap(m.ptr, m.bytes);
+  }
+
+  // Unmaps least recently freed mappings until at most `keep` bytes stay cached.
+  void trim(size_t keep) {
+    std::vector<Mapping> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      evict_locked(keep, &drop);
+    }
+    for (auto& m : drop) munmap(m.ptr, m.bytes);
+  }
+
+  size_t cap() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return max_bytes_;
+  }
+
+  void set_cap(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      max_bytes_ = bytes;
+    }
+    trim(bytes);
+  }
+
+  ZeroedPoolStats stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    ZeroedPoolStats s = stats_;
+    s.cached_bytes = held_;
+    s.cap_bytes = max_bytes_;
+    s.live_bytes = live_;
+    s.cached_mappings = free_.size();
+    return s;
+  }
+
+  void reset_counters() {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_ = ZeroedPoolStats();
   }
 
  private:
+  struct Mapping {
+    void* ptr;
+    size_t bytes;
+  };
+
   ZeroedPool() {
     const char* e = std::getenv("KX_ZERO_POOL_MAX_BYTES");
-    max_bytes_ = e != nullptr ? size_t(std::strtoull(e, nullptr, 10)) : (size_t(2) << 30);
+    max_bytes_ = e != nullptr && e[0] != '\0' ? size_t(std::strtoull(e, nullptr, 10)) : default_cap();
   }
+
+  static size_t default_cap() {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    const size_t ram = pages > 0 && page > 0 ? size_t(pages) * size_t(page) : size_t(8) << 30;
+    return std::min(kZeroPoolCapMaxBytes, std::max(kZeroPoolCapMinBytes, ram / kZeroPoolCapFractionOfRam));
+  }
+
+  void evict_locked(size_t keep, std::vector<Mapping>* drop) {
+    size_t n = 0;
+    while (n < free_.size() && held_ > keep) {  // the front is the least recently freed
+      held_ -= free_[n].bytes;
+      drop->push_back(free_[n]);
+      ++n;
+      ++stats_.evictions;
+    }
+    free_.erase(free_.begin(), free_.begin() + n);
+  }
+
   std::mutex mu_;
-  std::vector<std::pair<void*, size_t>> free_;
-  size_t held_ = 0, max_bytes_ = 0;
+  std::vector<Mapping> free_;
+  size_t held_ = 0, live_ = 0, max_bytes_ = 0;
+  ZeroedPoolStats stats_;
 };
 #endif
 
-// What the pool keeps now, and a way to hand it all back to the OS (kxkernels.memory).
-inline size_t zeroed_pool_held_bytes() {
+// What the pool keeps, its cap and counters, and ways to shrink it (kxkernels.memory).
+inline ZeroedPoolStats zeroed_pool_stats() {
 #if defined(__unix__)
-  return ZeroedPool::get().held_bytes();
+  return ZeroedPool::get().stats();
 #else
-  return 0;
+  return ZeroedPoolStats();
 #endif
 }
 
+inline size_t zeroed_pool_held_bytes() { return zeroed_pool_stats().cached_bytes; }
+
 inline void zeroed_pool_release() {
 #if defined(__unix__)
-  ZeroedPool::get().release_all();
+  ZeroedPool::get().trim(0);
+#endif
+}
+
+inline void zeroed_pool_set_cap(size_t bytes) {
+#if defined(__unix__)
+  ZeroedPool::get().set_cap(bytes);
+#endif
+}
+
+inline void zeroed_pool_reset_counters() {
+#if defined(__unix__)
+  ZeroedPool::get().reset_counters();
 #endif
 }
 
@@ -135,8 +265,9 @@ inline at::Tensor new_zeroed_output(at::IntArrayRef sizes, const at::TensorOptio
   const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
 #if defined(__unix__)
   if (nbytes >= kZeroPageMinBytes && options.device().is_cpu()) {
-    if (void* p = ZeroedPool::get().take(nbytes))
-      return at::from_blob(p, sizes, [nbytes](void* q) { ZeroedPool::get().give_back(q, nbytes); },
+    size_t map_bytes = 0;
+    if (void* p = ZeroedPool::get().take(nbytes, &map_bytes))
+      return at::from_blob(p, sizes, [map_bytes](void* q) { ZeroedPool::get().give_back(q, map_bytes); },
                            options);
   }
 #endif

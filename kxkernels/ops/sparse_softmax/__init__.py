@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from kxkernels import _backend, _extension  # noqa: F401  (loads the schemas)
-from kxkernels._checks import check_floating, check_int_arg, check_integer_tensor
+from kxkernels._checks import check_dim_arg, check_floating, check_int_arg, check_integer_tensor
 
 _ops = torch.ops.kxkernels
 _REDUCTIONS = ("mean", "sum", "none")
@@ -122,8 +122,9 @@ def sparse_softmax(logits: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
         torch.Tensor: probabilities, same shape and dtype as ``logits``.
 
     Raises:
-        TypeError: ``logits`` not a floating tensor, ``k`` not an int.
-        ValueError: ``k`` out of range, an empty softmax dim.
+        TypeError: ``logits`` not a floating tensor, ``k`` or ``dim`` not an int.
+        ValueError: ``k`` out of range, ``dim`` outside ``[-logits.dim(), logits.dim() - 1]``,
+            an empty softmax dim.
 
     Examples::
         >>> import torch, kxkernels
@@ -134,7 +135,7 @@ def sparse_softmax(logits: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     check_floating(logits, "logits")
     if logits.dim() == 0:
         raise ValueError("logits must have at least 1 dim")
-    dim = dim % logits.dim()
+    dim = check_dim_arg(dim, logits.dim(), "dim")
     vocab = logits.shape[dim]
     if vocab == 0:
         raise ValueError(f"logits has an empty softmax dim (shape {tuple(logits.shape)}, dim={dim})")
