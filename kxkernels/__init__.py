@@ -1,7 +1,11 @@
 """kxkernels: fused kernels for RoFormer-line NLP building blocks. The public API is ../shared/API.md."""
 from kxkernels._extension import build_info
+from kxkernels.ops.linear_attention import causal_linear_attention, linear_attention
 from kxkernels.ops.sinkhorn import SinkhornResult, sinkhorn, wrd
 from kxkernels.ops.sparse_softmax import sparse_softmax, sparse_softmax_cross_entropy
 
-__all__ = ["build_info", "sparse_softmax", "sparse_softmax_cross_entropy", "sinkhorn", "wrd", "SinkhornResult"]
+from kxkernels import nn  # noqa: E402,F401  (kxkernels.nn.* modules)
+
+__all__ = ["build_info", "sparse_softmax", "sparse_softmax_cross_entropy", "sinkhorn", "wrd", "SinkhornResult",
+           "causal_linear_attention", "linear_attention"]
 __version__ = "0.1.0"
