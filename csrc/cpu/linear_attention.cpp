@@ -66,7 +66,7 @@ inline void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double 
 // Everything a kernel needs, as raw pointers and element strides (see the kernels header).
 struct LaArgs {
   int64_t B = 0, H = 0, L = 0, Dk = 0, Dv = 0, P = 1;
-  int64_t chunk = 64;                         // positions per chunk (<= kMaxChunk of the kernels)
+  int64_t chunk = 32;                         // positions per chunk (<= kMaxChunk of the kernels)
   const void *q = nullptr, *k = nullptr, *v = nullptr;
   int64_t qs[4] = {}, ks[4] = {}, vs[4] = {};
   const bool* mask = nullptr;                 // (B, L) contiguous, True = keep
@@ -109,7 +109,7 @@ int64_t chunk_size() {
   static const int64_t c = [] {
     const char* e = std::getenv("KX_LINEAR_ATTENTION_CHUNK");
     const int64_t v = e != nullptr ? std::atoll(e) : 0;
-    return v >= 1 && v <= 128 ? v : int64_t(64);
+    return v >= 1 && v <= 128 ? v : int64_t(32);
   }();
   return c;
 }

@@ -53,20 +53,21 @@ inline void phi_n(const double* x, double* y, int64_t n, int fm) {
   for (int64_t i = 0; i < n; ++i)
     y[i] = fm == 0 ? (x[i] > 0 ? x[i] + 1 : std::exp(x[i])) : fm == 1 ? (x[i] > 0 ? x[i] : 0) : x[i];
 }
-// g[i] *= phi'(x[i]).
-inline void dphi_mul(const float* x, float* g, int64_t n, int fm) {
+// g[i] *= phi'(x[i]), from f = phi(x): elu+1 has phi' = min(phi, 1) (exp(x) below 0, 1 above), relu
+// phi' = [phi > 0]; no second exp.
+inline void dphi_mul(const float* f, float* g, int64_t n, int fm) {
   if (fm == 2) return;
   int64_t i = 0;
-  const vfloat zero = vbroadcast(0.f);
+  const vfloat zero = vbroadcast(0.f), one = vbroadcast(1.f);
   for (; i + kLanes <= n; i += kLanes) {
-    const vfloat v = vload(x + i), gv = vload(g + i);
-    vstore(g + i, fm == 0 ? (v > zero ? gv : gv * vexp(vmin(v, zero))) : (v > zero ? gv : zero));
+    const vfloat fv = vload(f + i), gv = vload(g + i);
+    vstore(g + i, fm == 0 ? gv * vmin(fv, one) : (fv > zero ? gv : zero));
   }
-  for (; i < n; ++i) g[i] = x[i] > 0.f ? g[i] : (fm == 0 ? g[i] * sexp(x[i]) : 0.f);
+  for (; i < n; ++i) g[i] = fm == 0 ? g[i] * (f[i] < 1.f ? f[i] : 1.f) : (f[i] > 0.f ? g[i] : 0.f);
 }
-inline void dphi_mul(const double* x, double* g, int64_t n, int fm) {
+inline void dphi_mul(const double* f, double* g, int64_t n, int fm) {
   if (fm == 2) return;
-  for (int64_t i = 0; i < n; ++i) g[i] = x[i] > 0 ? g[i] : (fm == 0 ? g[i] * std::exp(x[i]) : 0);
+  for (int64_t i = 0; i < n; ++i) g[i] = fm == 0 ? g[i] * (f[i] < 1 ? f[i] : 1) : (f[i] > 0 ? g[i] : 0);
 }
 
 // ---- RoPE ----------------------------------------------------------------------------------------
@@ -144,6 +145,39 @@ inline void rope_rows(const A* x, A* y, int64_t n, int64_t D, const A* cosF, con
     } else {
       for (int64_t d = 0; d < half; ++d) yr[d] = xr[d] * c[d] + sign * xr[d + half] * s[d];
       for (int64_t d = half; d < D; ++d) yr[d] = xr[d] * c[d] + sign * xr[d - half] * s[d];
+    }
+  }
+}
+
+// float32: the same with vectors; the interleaved partner is a lane swap within each pair.
+inline void rope_rows(const float* x, float* y, int64_t n, int64_t D, const float* cosF, const float* sinS,
+                      float sign, bool interleaved) {
+  const int64_t half = D / 2;
+  if (interleaved ? D % kLanes != 0 : half % kLanes != 0)
+    return rope_rows<float>(x, y, n, D, cosF, sinS, sign, interleaved);
+#if KX_ISA_LEVEL == 2
+  const vint swap = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+#elif KX_ISA_LEVEL == 1
+  const vint swap = {1, 0, 3, 2, 5, 4, 7, 6};
+#else
+  const vint swap = {1, 0, 3, 2};
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xr = x + i * D;
+    float* yr = y + i * D;
+    const float* c = cosF + i * D;
+    const float* s = sinS + i * D;
+    if (interleaved) {
+      for (int64_t d = 0; d < D; d += kLanes) {
+        const vfloat xv = vload(xr + d);
+        vstore(yr + d, xv * vload(c + d) + __builtin_shuffle(xv, swap) * (vload(s + d) * sign));
+      }
+    } else {
+      for (int64_t d = 0; d < half; d += kLanes) {
+        const vfloat a = vload(xr + d), b = vload(xr + d + half);
+        vstore(yr + d, a * vload(c + d) + b * (vload(s + d) * sign));
+        vstore(yr + d + half, b * vload(c + d + half) + a * (vload(s + d + half) * sign));
+      }
     }
   }
 }
@@ -338,7 +372,7 @@ void causal_backward(const LaArgs& p) {
             if (p.normalize) axpy_n(w.gd[i], w.z, gfq + i * Dk, Dk);
           }
           mm<A>(true, false, Dk, Dv, n, 1, rk, Dk, w.v, Dv, 1, w.S, Dv);
-          dphi_mul(w.xq, gfq, n * Dk, p.fm);
+          dphi_mul(w.fq, gfq, n * Dk, p.fm);
           store_rows(gfq, n, Dk, gq + t0 * Dk);
         }
       } else {  // k, v side, backward in time
@@ -379,7 +413,7 @@ void causal_backward(const LaArgs& p) {
               axpy_n(A(1), w.Zr, g, Dk);
             }
           }
-          dphi_mul(w.xk, gfk, n * Dk, p.fm);
+          dphi_mul(w.fk, gfk, n * Dk, p.fm);
           store_rows(gfk, n, Dk, gk + t0 * Dk);
           store_rows(gvv, n, Dv, gv + t0 * Dv);
         }
@@ -473,7 +507,7 @@ void full_backward(const LaArgs& p) {
         }
         if (p.normalize)
           for (int64_t i = 0; i < n; ++i) axpy_n(w.gd[i], w.z, gfq + i * Dk, Dk);
-        dphi_mul(w.xq, gfq, n * Dk, p.fm);
+        dphi_mul(w.fq, gfq, n * Dk, p.fm);
         store_rows(gfq, n, Dk, gq + t0 * Dk);
         A* gvv = w.w1;
         mm<A>(false, false, n, Dv, Dk, 1, rk_of(p, w), Dk, w.R, Dv, 0, gvv, Dv);
@@ -492,7 +526,7 @@ void full_backward(const LaArgs& p) {
           else if (p.normalize)
             axpy_n(A(1), w.Zr, g, Dk);
         }
-        dphi_mul(w.xk, gfk, n * Dk, p.fm);
+        dphi_mul(w.fk, gfk, n * Dk, p.fm);
         store_rows(gfk, n, Dk, gk + t0 * Dk);
       }
     }
