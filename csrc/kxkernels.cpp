@@ -101,6 +101,26 @@ TORCH_LIBRARY(kxkernels, m) {
   m.def("rope_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? key_padding_mask, Tensor? q_positions, Tensor? k_positions, bool causal, float scale, "
         "bool rope, float rope_base, bool interleaved, int rotary_dim) -> (Tensor, Tensor, Tensor)");
+  // ---- linear attention (cumulative-sum form) -----------------------------------------------
+  // q, k (B, H, L, Dk), v (B, H, L, Dv); feature_map 'elu+1' | 'relu' | 'identity'; RoPE on the
+  // numerator at positions (L,) / (B, L) int, or pos_offset + arange(L) when None; key_padding_mask
+  // bool (B, L). Causal: returns (out (B, H, L, Dv) in q's dtype, den (B, H, L) float32 (0 wide
+  // without normalize), final state S (B, H, Dk, Dv), z (B, H, Dk) float32; float64 for float64).
+  m.def("causal_linear_attention_fwd(Tensor q, Tensor k, Tensor v, str feature_map, bool normalize, "
+        "float eps, bool rope, float rope_base, bool interleaved, Tensor? positions, int pos_offset, "
+        "Tensor? key_padding_mask, Tensor? initial_S, Tensor? initial_z) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v, grad_initial_S, grad_initial_z).
+  m.def("causal_linear_attention_bwd(Tensor grad_out, Tensor? grad_S, Tensor? grad_z, Tensor q, Tensor k, "
+        "Tensor v, Tensor out, Tensor den, str feature_map, bool normalize, float eps, bool rope, "
+        "float rope_base, bool interleaved, Tensor? positions, int pos_offset, Tensor? key_padding_mask, "
+        "Tensor? initial_S, Tensor? initial_z) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Non-causal: every query sees every (unpadded) key. Returns (out, den).
+  m.def("linear_attention_fwd(Tensor q, Tensor k, Tensor v, str feature_map, bool normalize, float eps, "
+        "bool rope, float rope_base, bool interleaved, Tensor? positions, int pos_offset, "
+        "Tensor? key_padding_mask) -> (Tensor, Tensor)");
+  m.def("linear_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor den, "
+        "str feature_map, bool normalize, float eps, bool rope, float rope_base, bool interleaved, "
+        "Tensor? positions, int pos_offset, Tensor? key_padding_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 static pybind11::dict build_info() {

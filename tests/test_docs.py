@@ -7,7 +7,8 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MODULES = ["kxkernels.ops.sparse_softmax", "kxkernels.ops.global_pointer", "kxkernels.ops.rope_attention", "kxkernels.nn.attention", "kxkernels.integrations.transformers"]
+MODULES = ["kxkernels.ops.sparse_softmax", "kxkernels.ops.global_pointer", "kxkernels.ops.rope_attention", "kxkernels.nn.attention", "kxkernels.integrations.transformers",
+           "kxkernels.ops.linear_attention", "kxkernels.nn.linear_attention"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -126,3 +126,28 @@ inline void convert(const float* s, c10::Half* d, int64_t n) {
 #endif
   for (; i < n; ++i) d[i] = static_cast<c10::Half>(s[i]);
 }
+
+// sin and cos in float32 (Cephes sinf/cosf: x reduced by pi/2 in three parts, Cody-Waite, then
+// degree-7/8 polynomials on [-pi/4, pi/4]); within a few ulp of the exact value of x for
+// |x| < 2^16 * pi/4 (about 51,000: the quadrant count times the first part of pi/2 stays exact),
+// degrading slowly beyond. For RoPE angles (position * theta) computed in float32.
+inline void vsincos(vfloat x, vfloat* s, vfloat* c) {
+  const vfloat j = ((x * 0.636619772367581343f) + 12582912.0f) - 12582912.0f;  // round(x * 2/pi)
+  vfloat r = x - j * 1.5703125f;
+  r = r - j * 4.837512969970703125e-4f;
+  r = r - j * 7.54978995489188216e-8f;
+  const vfloat r2 = r * r;
+  vfloat ps = vbroadcast(-1.9515295891e-4f);
+  ps = ps * r2 + 8.3321608736e-3f;
+  ps = ps * r2 - 1.6666654611e-1f;
+  const vfloat sr = ps * r2 * r + r;
+  vfloat pc = vbroadcast(2.443315711809948e-5f);
+  pc = pc * r2 - 1.388731625493765e-3f;
+  pc = pc * r2 + 4.166664568298827e-2f;
+  const vfloat cr = pc * r2 * r2 - 0.5f * r2 + 1.0f;
+  const vint q = __builtin_convertvector(j, vint) & 3;
+  const vint swap = (q & 1) != 0;                      // quadrants 1, 3: sin <-> cos
+  const vfloat sv = swap ? cr : sr, cv = swap ? sr : cr;
+  *s = ((q & 2) != 0) ? -sv : sv;                      // sin < 0 in quadrants 2, 3
+  *c = (((q + 1) & 2) != 0) ? -cv : cv;                // cos < 0 in quadrants 1, 2
+}

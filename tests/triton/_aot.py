@@ -22,6 +22,7 @@ from triton.compiler import ASTSource
 
 from kxkernels.ops.global_pointer import triton as global_pointer_tk
 from kxkernels.ops.rope_attention import triton as rope_attention_tk
+from kxkernels.ops.linear_attention import triton as linear_attention_tk
 from kxkernels.ops.sparse_softmax import triton as sparse_softmax_tk
 
 CUDA_CAPS = (80, 90)
@@ -254,7 +255,57 @@ def _rope_attention_entries():
     return entries
 
 
-AOT_KERNELS: list[AOTKernel] = [*_sparse_softmax_entries(), *_global_pointer_entries(), *_rope_attention_entries()]
+def _linear_attention_entries():
+    """Every kernel with every feature on (RoPE, mask, state, normalize: the most registers) at the
+    largest head the launchers take (MAX_HEAD_DIM = 64: DH = 32 lanes a half, DV = 64), float32 at
+    every tuning config, bfloat16 (TF32 products) at one for the causal kernels."""
+    tk = linear_attention_tk
+    configs = tuple(tk.TUNING_CONFIGS)
+    qkv = lambda ty: {f"{n}_ptr": f"*{ty}" for n in "qkv"}  # noqa: E731
+    strides = {f"s{n}_{d}": "i64" for n in "qkv" for d in "bhld"}
+    g_strides = {f"s{n}_{d}": "i64" for n in "go" for d in "bhld"}
+    sizes = {"H": "i32", "L": "i32", "Dk": "i32", "Dv": "i32", "HA": "i32"}
+    rope = {"mask_ptr": "*i8", "pos_ptr": "*i64", "pos_sb": "i64", "theta_ptr": "*fp32"}
+    flags = {"FM": 0, "NORMALIZE": True, "ROPE": True, "INTERLEAVED": True, "HAS_MASK": True}
+    tiles = {"BT": "constexpr", "DH": "constexpr", "DV": "constexpr"}
+
+    def ce(names):
+        return {n: "constexpr" for n in names}
+
+    entries = []
+    for ty, ieee in (("fp32", True), ("bf16", False)):
+        fwd = {**qkv(ty), **strides, "out_ptr": f"*{ty}", "den_ptr": "*fp32", "s0_ptr": "*fp32", "z0_ptr": "*fp32",
+               "s_ptr": "*fp32", "z_ptr": "*fp32", **rope, **sizes, "eps": "fp32",
+               **ce([*flags, "HAS_STATE", "IEEE"]), **tiles}
+        grad_in = {"go_ptr": f"*{ty}", **{k: v for k, v in g_strides.items() if k.startswith("sg")},
+                   "o_ptr": f"*{ty}", **{k: v for k, v in g_strides.items() if k.startswith("so")}, "den_ptr": "*fp32"}
+        dq = {**qkv(ty), **strides, **grad_in, "s0_ptr": "*fp32", "z0_ptr": "*fp32", "gq_ptr": f"*{ty}", **rope,
+              **sizes, **ce([*flags, "HAS_STATE", "IEEE"]), **tiles}
+        dkv = {**qkv(ty), **strides, **grad_in, "gs_ptr": "*fp32", "gz_ptr": "*fp32", "gk_ptr": f"*{ty}",
+               "gv_ptr": f"*{ty}", "gs0_ptr": "*fp32", "gz0_ptr": "*fp32", **rope, **sizes,
+               **ce([*flags, "HAS_GS", "HAS_GZ", "IEEE"]), **tiles}
+        ffwd = {**qkv(ty), **strides, "out_ptr": f"*{ty}", "den_ptr": "*fp32", **rope, **sizes, "eps": "fp32",
+                **ce([*flags, "IEEE"]), **tiles}
+        fbwd = {**qkv(ty), **strides, **grad_in, "gq_ptr": f"*{ty}", "gk_ptr": f"*{ty}", "gv_ptr": f"*{ty}",
+                **rope, **sizes, **ce([*flags, "IEEE"]), **tiles}
+        for name, fn, sig, extra in (
+                ("causal_fwd", tk._causal_fwd_kernel, fwd, {"HAS_STATE": True}),
+                ("causal_bwd_dq", tk._causal_bwd_dq_kernel, dq, {"HAS_STATE": True}),
+                ("causal_bwd_dkv", tk._causal_bwd_dkv_kernel, dkv, {"HAS_GS": True, "HAS_GZ": True}),
+                ("full_fwd", tk._full_fwd_kernel, ffwd, {}),
+                ("full_bwd", tk._full_bwd_kernel, fbwd, {})):
+            sig = {n: sig[n] for n in fn.arg_names}  # the kernel's argument order
+            fixed = {**flags, **extra, "IEEE": ieee}
+            if ty == "bf16" and name.startswith("full"):
+                continue
+            entries.append(AOTKernel(f"linear_attention_{name}-{ty}-D{tk.MAX_HEAD_DIM}", fn, sig,
+                                     {**fixed, "DH": tk.MAX_HEAD_DIM // 2, "DV": tk.MAX_HEAD_DIM},
+                                     configs if ty == "fp32" else configs[:1]))
+    return entries
+
+
+AOT_KERNELS: list[AOTKernel] = [*_sparse_softmax_entries(), *_global_pointer_entries(), *_rope_attention_entries(),
+                                 *_linear_attention_entries()]
 
 
 def aot_cases():
