@@ -17,7 +17,8 @@ import torch
 
 import kxkernels
 from benchmarks.harness import Case
-from kxkernels.ops.sinkhorn import reference, sts
+from benchmarks import real_data
+from kxkernels.ops.sinkhorn import reference
 
 EPS, TOL, MAX_ITER = 0.01, 1e-6, 1000
 REAL_PAIRS = 64
@@ -81,7 +82,7 @@ def _wrd_case(label: str, x, y, xm, ym, device: str, with_slow_peers: bool, note
 
 
 def _real(n_pairs):
-    pairs = sts.sts_pairs()
+    pairs = real_data.sts_pairs()
     x, y, xm, ym = pairs.x, pairs.y, pairs.x_mask, pairs.y_mask
     if n_pairs is not None:
         x, y, xm, ym = x[:n_pairs], y[:n_pairs], xm[:n_pairs], ym[:n_pairs]
@@ -106,19 +107,14 @@ def _synthetic(n_pairs: int, seed: int = 0):
 
 def cases(device: str, quick: bool) -> list[Case]:
     out = []
-    why = sts.minilm_unavailable()
-    if why is None:
-        try:
-            n_real = 16 if quick else REAL_PAIRS
-            x, y, xm, ym = _real(n_real)
-            out.append(_wrd_case("real STS pairs (MiniLM)", x, y, xm, ym, device, True,
-                                 f"real pairs: the first {x.shape[0]} of sts-forums.tsv, all-MiniLM-L6-v2 tokens"))
-        except FileNotFoundError as e:
-            import warnings
-            warnings.warn(f"real STS case skipped: {e}")
-    else:
+    try:
+        n_real = 16 if quick else REAL_PAIRS
+        x, y, xm, ym = _real(n_real)
+        out.append(_wrd_case("real STS pairs (MiniLM)", x, y, xm, ym, device, True,
+                             f"real pairs: the first {x.shape[0]} of sts-forums.tsv, all-MiniLM-L6-v2 tokens"))
+    except real_data.RealDataUnavailable as e:
         import warnings
-        warnings.warn(f"real STS case skipped: {why}")
+        warnings.warn(f"real STS case skipped: {e}")
     n_synth = 32 if quick else SYNTH_PAIRS
     x, y, xm, ym = _synthetic(n_synth)
     out.append(_wrd_case("synthetic, lengths 8..64", x, y, xm, ym, device, False,

@@ -509,6 +509,9 @@ KX_INLINE Stats solve(Work<A>& W, double eps, int64_t max_iter, double tol, bool
       col_sums(W, W.u, W.v);
       apply(W.v, W.ls, n, A(1));
       st.err = row_sums(W, W.u, W.v);
+      // stopped before the schedule reached eps: the results belong to W.eps (reported with
+      // them); err is at least tol, so err < tol always means converged at the requested eps
+      if (!final) st.err = std::max(st.err, tol);
       return st;
     }
     ++st.n_iter;
@@ -584,12 +587,16 @@ template <typename Args>
 KX_INLINE void no_mass(const Args& P, int64_t p, bool both) {
   P.value[p] = 0; P.dual[p] = 0; P.n_iter[p] = 0;
   P.err[p] = both ? 0 : 1;
+  P.eps_out[p] = P.eps;
 }
-// A non-finite input gives NaN results for that problem (its potentials NaN too).
+// A non-finite input at a real entry: recorded (the lowest such problem), and the op raises a
+// ValueError once every problem is done. The outputs of the problem are written (NaN) meanwhile.
 template <typename Args>
 KX_INLINE void not_finite(const Args& P, int64_t p) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  P.value[p] = nan; P.dual[p] = nan; P.n_iter[p] = 0; P.err[p] = nan;
+  P.value[p] = nan; P.dual[p] = nan; P.n_iter[p] = 0; P.err[p] = nan; P.eps_out[p] = nan;
+  int64_t cur = P.bad->load();
+  while (p < cur && !P.bad->compare_exchange_weak(cur, p)) {}
 }
 
 // ---- sinkhorn_fwd ---------------------------------------------------------------------------------
@@ -601,8 +608,10 @@ struct SinkhornArgs {
   int64_t max_iter;
   bool newton;
   A *value, *dual, *f, *g, *err;
+  double* eps_out;  // the eps the problem's results belong to (> eps: stopped before the schedule ended)
   int64_t* n_iter;
   T* plan;  // (B, M, N) contiguous or null
+  std::atomic<int64_t>* bad;  // lowest problem with a non-finite cost at a real entry (B if none)
 };
 
 template <typename T, typename A>
@@ -651,6 +660,7 @@ KX_INLINE void sinkhorn_problem(const SinkhornArgs<T, A>& P, Work<A>& W, int64_t
   P.dual[p] = A(dual);
   P.n_iter[p] = st.n_iter;
   P.err[p] = A(st.err);
+  P.eps_out[p] = W.eps;
 }
 
 template <typename T, typename A>
@@ -708,7 +718,7 @@ void check_settings(double eps, int64_t max_iter, double tol) {
   KX_CHECK(tol > 0, "tol must be > 0, got ", tol);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 sinkhorn_fwd_cpu(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps,
                  int64_t max_iter, double tol, bool return_plan, bool newton) {
   check_problem_tensors(cost, a, b);
@@ -719,21 +729,38 @@ sinkhorn_fwd_cpu(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& 
   at::Tensor f = new_output({B, M}, acc), g = new_output({B, N}, acc), err = new_output({B}, acc);
   at::Tensor n_iter = new_output({B}, cost.options().dtype(at::kLong));
   at::Tensor plan = return_plan ? new_output({B, M, N}, cost.options()) : at::empty({0}, cost.options());
+  at::Tensor eps_out = new_output({B}, cost.options().dtype(at::kDouble));
+  std::atomic<int64_t> bad{B};
   KX_DISPATCH_FLOATING(cost.scalar_type(), "sinkhorn_fwd", [&] {
     using A = acc_t<scalar_t>;
     SinkhornArgs<scalar_t, A> P{cost.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
                                 M, N, cost.stride(0), cost.stride(1), cost.stride(2), a.stride(0),
                                 a.stride(1), b.stride(0), b.stride(1), eps, tol, max_iter, newton,
                                 value.data_ptr<A>(), dual.data_ptr<A>(), f.data_ptr<A>(), g.data_ptr<A>(),
-                                err.data_ptr<A>(), n_iter.data_ptr<int64_t>(),
-                                return_plan ? plan.data_ptr<scalar_t>() : nullptr};
+                                err.data_ptr<A>(), eps_out.data_ptr<double>(), n_iter.data_ptr<int64_t>(),
+                                return_plan ? plan.data_ptr<scalar_t>() : nullptr, &bad};
     const bool avx2 = cpu_has_avx2();
     for_each_problem<A>(B, M, N, 0, [&](Work<A>& W, int64_t p, double* ar, double* br) {
       if (avx2) sinkhorn_problem_avx2(P, W, p, ar, br);
       else sinkhorn_problem_base(P, W, p, ar, br);
     });
   });
-  return {value, dual, f, g, n_iter, err, plan};
+  KX_CHECK(bad.load() == B, "cost must be finite at real entries (a_i > 0 and b_j > 0): problem ", bad.load(),
+           " has an inf or NaN there");
+  return {value, dual, f, g, n_iter, err, plan, eps_out};
+}
+
+// The backward's per-problem eps (B,) (the forward's eps output) as contiguous float64, checked.
+at::Tensor problem_eps(const at::Tensor& eps, int64_t B) {
+  check_floating(eps, "eps");
+  KX_CHECK(eps.dim() == 1 && eps.size(0) == B, "eps must have shape (", B, ",) (one eps per problem, as the "
+           "forward returns it), got ", eps.sizes());
+  at::Tensor e = eps.to(at::kDouble).contiguous();
+  const double* ep = e.data_ptr<double>();
+  for (int64_t p = 0; p < B; ++p)
+    KX_CHECK(ep[p] > 0 && std::isfinite(ep[p]), "eps must be finite and > 0 for every problem, got ", ep[p],
+             " for problem ", p);
+  return e;
 }
 
 // Gradient of grad[p] * (value or dual) by the envelope theorem, with masses normalized inside:
@@ -741,10 +768,10 @@ sinkhorn_fwd_cpu(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cpu(const at::Tensor& grad, const at::Tensor& cost,
                                                                 const at::Tensor& a, const at::Tensor& b,
                                                                 const at::Tensor& f, const at::Tensor& g,
-                                                                double eps) {
+                                                                const at::Tensor& eps) {
   check_problem_tensors(cost, a, b);
-  KX_CHECK(eps > 0, "eps must be > 0, got ", eps);
   const int64_t B = cost.size(0), M = cost.size(1), N = cost.size(2);
+  const at::Tensor eps_d = problem_eps(eps, B);
   KX_CHECK(grad.dim() == 1 && grad.size(0) == B, "grad must have shape (", B, ",), got ", grad.sizes());
   KX_CHECK(f.dim() == 2 && f.size(0) == B && f.size(1) == M, "f must have shape (", B, ", ", M, ")");
   KX_CHECK(g.dim() == 2 && g.size(0) == B && g.size(1) == N, "g must have shape (", B, ", ", N, ")");
@@ -759,9 +786,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cpu(const at::Tensor
     scalar_t *gcp = gc.data_ptr<scalar_t>(), *gap = ga.data_ptr<scalar_t>(), *gbp = gb.data_ptr<scalar_t>();
     const int64_t cs0 = cost.stride(0), cs1 = cost.stride(1), cs2 = cost.stride(2);
     const int64_t as0 = a.stride(0), as1 = a.stride(1), bs0 = b.stride(0), bs1 = b.stride(1);
+    const double* epsp = eps_d.data_ptr<double>();
     at::parallel_for(0, B, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
-        const double gv = double(grp[p]);
+        const double gv = double(grp[p]), eps = epsp[p];
         double sa = 0, sb = 0, fa = 0, gbv = 0;
         for (int64_t i = 0; i < M; ++i) {
           const double x = double(ap[p * as0 + i * as1]);
@@ -889,7 +917,9 @@ struct WrdArgs {
   int64_t max_iter;
   bool newton;
   A *value, *dual, *f, *g, *err;
+  double* eps_out;  // the eps the pair's results belong to (> eps: stopped before the schedule ended)
   int64_t* n_iter;
+  std::atomic<int64_t>* bad;  // lowest pair with a non-finite real token (B if none)
 };
 
 template <typename T, typename A>
@@ -915,6 +945,7 @@ KX_INLINE void wrd_problem(const WrdArgs<T, A>& P, Work<A>& W, int64_t p, double
   P.dual[p] = A(dual);
   P.n_iter[p] = st.n_iter;
   P.err[p] = A(st.err);
+  P.eps_out[p] = W.eps;
 }
 
 template <typename T, typename A>
@@ -958,7 +989,7 @@ Tokens<T> tokens_of(const at::Tensor& x, const c10::optional<at::Tensor>& mask) 
   return t;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wrd_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wrd_fwd_cpu(
     const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& x_mask,
     const c10::optional<at::Tensor>& y_mask, double eps, int64_t max_iter, double tol, bool newton) {
   check_tokens(x, y, x_mask, y_mask);
@@ -968,18 +999,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor value = new_output({B}, acc), dual = new_output({B}, acc);
   at::Tensor f = new_output({B, M}, acc), g = new_output({B, N}, acc), err = new_output({B}, acc);
   at::Tensor n_iter = new_output({B}, x.options().dtype(at::kLong));
+  at::Tensor eps_out = new_output({B}, x.options().dtype(at::kDouble));
+  std::atomic<int64_t> bad{B};
   KX_DISPATCH_FLOATING(x.scalar_type(), "wrd_fwd", [&] {
     using A = acc_t<scalar_t>;
     WrdArgs<scalar_t, A> P{tokens_of<scalar_t>(x, x_mask), tokens_of<scalar_t>(y, y_mask), eps, tol, max_iter,
                            newton, value.data_ptr<A>(), dual.data_ptr<A>(), f.data_ptr<A>(), g.data_ptr<A>(),
-                           err.data_ptr<A>(), n_iter.data_ptr<int64_t>()};
+                           err.data_ptr<A>(), eps_out.data_ptr<double>(), n_iter.data_ptr<int64_t>(), &bad};
     const bool avx2 = cpu_has_avx2();
     for_each_problem<A>(B, M, N, D, [&](Work<A>& W, int64_t p, double* nx, double* ny) {
       if (avx2) wrd_problem_avx2(P, W, p, nx, ny);
       else wrd_problem_base(P, W, p, nx, ny);
     });
   });
-  return {value, dual, f, g, n_iter, err};
+  KX_CHECK(bad.load() == B, "x and y must be finite at real tokens: pair ", bad.load(), " has an inf or NaN there");
+  return {value, dual, f, g, n_iter, err, eps_out};
 }
 
 // Envelope gradient of grad[p] * wrd through cost = 1 - cos and masses = norms / sum:
@@ -1059,10 +1093,10 @@ void wrd_grad_base(const Tokens<T>& X, const Tokens<T>& Y, const A* grad, const 
 std::tuple<at::Tensor, at::Tensor> wrd_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
                                                const c10::optional<at::Tensor>& x_mask,
                                                const c10::optional<at::Tensor>& y_mask, const at::Tensor& f,
-                                               const at::Tensor& g, double eps) {
+                                               const at::Tensor& g, const at::Tensor& eps) {
   check_tokens(x, y, x_mask, y_mask);
-  KX_CHECK(eps > 0, "eps must be > 0, got ", eps);
   const int64_t B = x.size(0), M = x.size(1), N = y.size(1), D = x.size(2);
+  const at::Tensor eps_d = problem_eps(eps, B);
   KX_CHECK(grad.dim() == 1 && grad.size(0) == B, "grad must have shape (", B, ",), got ", grad.sizes());
   KX_CHECK(f.dim() == 2 && f.size(0) == B && f.size(1) == M, "f must have shape (", B, ", ", M, ")");
   KX_CHECK(g.dim() == 2 && g.size(0) == B && g.size(1) == N, "g must have shape (", B, ", ", N, ")");
@@ -1075,9 +1109,10 @@ std::tuple<at::Tensor, at::Tensor> wrd_bwd_cpu(const at::Tensor& grad, const at:
     const A *grp = gr.data_ptr<A>(), *fp = fc.data_ptr<A>(), *gp = gc.data_ptr<A>();
     scalar_t *gxp = gx.data_ptr<scalar_t>(), *gyp = gy.data_ptr<scalar_t>();
     const bool avx2 = cpu_has_avx2();
+    const double* epsp = eps_d.data_ptr<double>();
     for_each_problem<A>(B, M, N, D, [&](Work<A>& W, int64_t p, double* nx, double* ny) {
-      if (avx2) wrd_grad_avx2(X, Y, grp, fp, gp, eps, gxp, gyp, W, p, nx, ny);
-      else wrd_grad_base(X, Y, grp, fp, gp, eps, gxp, gyp, W, p, nx, ny);
+      if (avx2) wrd_grad_avx2(X, Y, grp, fp, gp, epsp[p], gxp, gyp, W, p, nx, ny);
+      else wrd_grad_base(X, Y, grp, fp, gp, epsp[p], gxp, gyp, W, p, nx, ny);
     });
   });
   return {gx, gy};
