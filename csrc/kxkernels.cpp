@@ -42,8 +42,10 @@ TORCH_LIBRARY(kxkernels, m) {
   // dual <f, a> + <g, b> (B,), potentials f (B, M), g (B, N) (float32, float64 for float64 input),
   // n_iter (B,) int64, err (B,) L1 row-marginal error, plan (B, M, N) in cost dtype or (0,),
   // eps_reached (B,) float64: the eps the results belong to (> eps when max_iter stopped the schedule).
+  // relative_eps: each problem's eps is eps * (max C - min C) over its real entries (1 where 0).
   m.def("sinkhorn_fwd(Tensor cost, Tensor a, Tensor b, float eps, int max_iter, float tol, "
-        "bool return_plan, bool newton) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool return_plan, bool newton, bool relative_eps=False) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Envelope gradient of grad * value: (grad_cost, grad_a, grad_b), plan recomputed from f, g at
   // each problem's eps (B,) (the forward's eps_reached).
   m.def("sinkhorn_bwd(Tensor grad, Tensor cost, Tensor a, Tensor b, Tensor f, Tensor g, Tensor eps) "
@@ -52,7 +54,7 @@ TORCH_LIBRARY(kxkernels, m) {
   // ||x_i|| / sum ||x||, cost 1 - cos computed in the kernel. Returns (value, dual, f, g, n_iter, err,
   // eps_reached).
   m.def("wrd_fwd(Tensor x, Tensor y, Tensor? x_mask, Tensor? y_mask, float eps, int max_iter, "
-        "float tol, bool newton) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "float tol, bool newton, bool relative_eps=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("wrd_bwd(Tensor grad, Tensor x, Tensor y, Tensor? x_mask, Tensor? y_mask, Tensor f, "
         "Tensor g, Tensor eps) -> (Tensor, Tensor)");
 }

@@ -473,9 +473,10 @@ struct Stats {
   double err = 0;
 };
 
-// Solve the problem set up in W (C, a, b, la, lb, m, n) at eps; leaves F, G, u, v, W.eps.
+// Solve the problem set up in W (C, a, b, la, lb, m, n) at eps (times the problem's cost spread
+// max C - min C when `relative`, or 1 where that is 0); leaves F, G, u, v, W.eps.
 template <typename A>
-KX_INLINE Stats solve(Work<A>& W, double eps, int64_t max_iter, double tol, bool use_newton) {
+KX_INLINE Stats solve(Work<A>& W, double eps, int64_t max_iter, double tol, bool use_newton, bool relative) {
   const int64_t m = W.m, n = W.n;
   double cmin = std::numeric_limits<double>::infinity(), cmax = -cmin;
   for (int64_t i = 0; i < m; ++i)
@@ -483,6 +484,7 @@ KX_INLINE Stats solve(Work<A>& W, double eps, int64_t max_iter, double tol, bool
       cmin = std::min(cmin, double(W.C[i * W.ldn + j]));
       cmax = std::max(cmax, double(W.C[i * W.ldn + j]));
     }
+  if (relative && cmax > cmin) eps *= cmax - cmin;
   W.eps = std::max(cmax - cmin, eps);
   std::fill(W.F, W.F + W.ldm, 0.0);
   std::fill(W.G, W.G + W.ldn, 0.0);
@@ -606,7 +608,7 @@ struct SinkhornArgs {
   int64_t M, N, cs0, cs1, cs2, as0, as1, bs0, bs1;
   double eps, tol;
   int64_t max_iter;
-  bool newton;
+  bool newton, relative;
   A *value, *dual, *f, *g, *err;
   double* eps_out;  // the eps the problem's results belong to (> eps: stopped before the schedule ended)
   int64_t* n_iter;
@@ -647,7 +649,7 @@ KX_INLINE void sinkhorn_problem(const SinkhornArgs<T, A>& P, Work<A>& W, int64_t
     }
   }
   if (!finite) return not_finite(P, p);
-  const Stats st = solve(W, P.eps, P.max_iter, P.tol, P.newton);
+  const Stats st = solve(W, P.eps, P.max_iter, P.tol, P.newton, P.relative);
   double value, dual;
   finish(W, value, dual, [&](int64_t i, const A* row) {
     if (!plan) return;
@@ -720,7 +722,7 @@ void check_settings(double eps, int64_t max_iter, double tol) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 sinkhorn_fwd_cpu(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps,
-                 int64_t max_iter, double tol, bool return_plan, bool newton) {
+                 int64_t max_iter, double tol, bool return_plan, bool newton, bool relative_eps) {
   check_problem_tensors(cost, a, b);
   check_settings(eps, max_iter, tol);
   const int64_t B = cost.size(0), M = cost.size(1), N = cost.size(2);
@@ -735,7 +737,7 @@ sinkhorn_fwd_cpu(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& 
     using A = acc_t<scalar_t>;
     SinkhornArgs<scalar_t, A> P{cost.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
                                 M, N, cost.stride(0), cost.stride(1), cost.stride(2), a.stride(0),
-                                a.stride(1), b.stride(0), b.stride(1), eps, tol, max_iter, newton,
+                                a.stride(1), b.stride(0), b.stride(1), eps, tol, max_iter, newton, relative_eps,
                                 value.data_ptr<A>(), dual.data_ptr<A>(), f.data_ptr<A>(), g.data_ptr<A>(),
                                 err.data_ptr<A>(), eps_out.data_ptr<double>(), n_iter.data_ptr<int64_t>(),
                                 return_plan ? plan.data_ptr<scalar_t>() : nullptr, &bad};
@@ -915,7 +917,7 @@ struct WrdArgs {
   Tokens<T> X, Y;
   double eps, tol;
   int64_t max_iter;
-  bool newton;
+  bool newton, relative;
   A *value, *dual, *f, *g, *err;
   double* eps_out;  // the eps the pair's results belong to (> eps: stopped before the schedule ended)
   int64_t* n_iter;
@@ -936,7 +938,7 @@ KX_INLINE void wrd_problem(const WrdArgs<T, A>& P, Work<A>& W, int64_t p, double
   W.set_shape(m, n);
   set_masses(W, nx, ny);
   cosine_cost(W, D);
-  const Stats st = solve(W, P.eps, P.max_iter, P.tol, P.newton);
+  const Stats st = solve(W, P.eps, P.max_iter, P.tol, P.newton, P.relative);
   double value, dual;
   finish(W, value, dual, [](int64_t, const A*) {});
   for (int64_t i = 0; i < m; ++i) fo[W.ri[i]] = A(W.F[i]);
@@ -991,7 +993,8 @@ Tokens<T> tokens_of(const at::Tensor& x, const c10::optional<at::Tensor>& mask) 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wrd_fwd_cpu(
     const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& x_mask,
-    const c10::optional<at::Tensor>& y_mask, double eps, int64_t max_iter, double tol, bool newton) {
+    const c10::optional<at::Tensor>& y_mask, double eps, int64_t max_iter, double tol, bool newton,
+    bool relative_eps) {
   check_tokens(x, y, x_mask, y_mask);
   check_settings(eps, max_iter, tol);
   const int64_t B = x.size(0), M = x.size(1), N = y.size(1), D = x.size(2);
@@ -1004,7 +1007,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   KX_DISPATCH_FLOATING(x.scalar_type(), "wrd_fwd", [&] {
     using A = acc_t<scalar_t>;
     WrdArgs<scalar_t, A> P{tokens_of<scalar_t>(x, x_mask), tokens_of<scalar_t>(y, y_mask), eps, tol, max_iter,
-                           newton, value.data_ptr<A>(), dual.data_ptr<A>(), f.data_ptr<A>(), g.data_ptr<A>(),
+                           newton, relative_eps, value.data_ptr<A>(), dual.data_ptr<A>(), f.data_ptr<A>(), g.data_ptr<A>(),
                            err.data_ptr<A>(), eps_out.data_ptr<double>(), n_iter.data_ptr<int64_t>(), &bad};
     const bool avx2 = cpu_has_avx2();
     for_each_problem<A>(B, M, N, D, [&](Work<A>& W, int64_t p, double* nx, double* ny) {
