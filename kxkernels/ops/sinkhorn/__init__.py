@@ -237,7 +237,9 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, eps: float
             where that spread is 0: every plan is then ``a b^T``), so one ``eps`` means the same
             smoothing for problems whose costs are close together or far apart (GeomLoss ties its
             blur to the data's diameter the same way). The absolute eps each problem ran at is
-            returned in ``eps``. Default False: ``eps`` in cost units, as POT's ``reg``.
+            returned in ``eps``; the gradients hold it fixed (they leave out its dependence on the
+            cost through the spread, as GeomLoss does with its diameter). Default False: ``eps`` in
+            cost units, as POT's ``reg``.
 
     Returns:
         SinkhornResult: ``value``, ``f``, ``g``, ``plan`` in the dtype of ``cost``; ``err`` float32
