@@ -7,7 +7,7 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MODULES = ["kxkernels.ops.sparse_softmax"]
+MODULES = ["kxkernels.ops.sparse_softmax", "kxkernels.ops.sinkhorn"]
 
 
 @pytest.mark.parametrize("name", MODULES)
