@@ -373,13 +373,14 @@ def _wrd_gap_to_exact(x, y, xm, ym, **kw):
     return res, (res.value.double() - exact).abs() / exact
 
 
-@pytest.mark.parametrize("n_pairs, seed", [(256, 0), (4096, 1)])  # bench_sinkhorn's synthetic cases
-def test_default_wrd_within_1pct_of_exact_on_synthetic_suite_cases(n_pairs, seed):
+# bench_sinkhorn's synthetic cases: all 256 pairs of the one, the first 1,024 of the 4,096-pair one
+@pytest.mark.parametrize("n_pairs, seed, first", [(256, 0, 256), (4096, 1, 1024)])
+def test_default_wrd_within_1pct_of_exact_on_synthetic_suite_cases(n_pairs, seed, first):
     """Every pair of the benchmark suite's synthetic cases (lengths 8..64, D 384) within 1% of exact
     with the defaults; the old default (absolute eps = 0.01) was 1.6% off on average."""
     from benchmarks import bench_sinkhorn
 
-    x, y, xm, ym = bench_sinkhorn._synthetic(n_pairs, seed=seed)
+    x, y, xm, ym = (t[:first] for t in bench_sinkhorn._synthetic(n_pairs, seed=seed))
     res, rel = _wrd_gap_to_exact(x, y, xm, ym)
     assert bool((res.err < 1e-6).all()), int((res.err >= 1e-6).sum())
     assert float(rel.max()) < 0.01, float(rel.max())   # measured 0.16% (256 pairs)
