@@ -22,4 +22,7 @@ class Case:
     max_error: Optional[Callable[[], float]] = None  # kxkernels vs reference (float64 where cheap)
     flops: Optional[float] = None             # useful floating-point work of one step
     bytes: Optional[float] = None             # minimum bytes one step must move
+    # items (e.g. problems) one call of a provider handles, where providers run different amounts
+    # (a slow reference on a subset): the runner then reports every time per item
+    items: Optional[dict[str, int]] = None
     note: str = ""

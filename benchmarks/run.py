@@ -281,7 +281,8 @@ class CaseTimer:
 
     def summary(self) -> dict:
         case = self.case
-        median = {n: statistics.median(ts) for n, ts in self.times.items() if ts and n not in self.errors}
+        per = lambda n: (case.items or {}).get(n, 1)  # noqa: E731  (times per item, see Case.items)
+        median = {n: statistics.median(ts) / per(n) for n, ts in self.times.items() if ts and n not in self.errors}
         kx, ref = median.get(KX), median.get(REF)
         peers = {n: median[n] for n in self.peer_names if n in median}
         best_peer = min(peers, key=peers.get) if peers else None
@@ -300,8 +301,9 @@ class CaseTimer:
             "calls_per_sample": self.inner,
             "times_s": self.times,                     # per round, seconds per call
             "median_s": median,
-            "min_s": {n: min(ts) for n, ts in self.times.items() if ts},
-            "max_s": {n: max(ts) for n, ts in self.times.items() if ts},
+            "min_s": {n: min(ts) / per(n) for n, ts in self.times.items() if ts},
+            "max_s": {n: max(ts) / per(n) for n, ts in self.times.items() if ts},
+            "items_per_call": case.items,              # median/min/max are per item when set
             "best_peer": best_peer,
             "best_peer_s": peers.get(best_peer),
             "speedup_vs_reference": ratio(ref),

@@ -70,18 +70,23 @@ TORCH_LIBRARY(kxkernels, m) {
   // ---- batched Sinkhorn / WRD ---------------------------------------------------------------
   // cost (B, M, N), a (B, M), b (B, N): zero mass = padding. Returns value <T, C> (B,),
   // dual <f, a> + <g, b> (B,), potentials f (B, M), g (B, N) (float32, float64 for float64 input),
-  // n_iter (B,) int64, err (B,) L1 row-marginal error, plan (B, M, N) in cost dtype or (0,).
+  // n_iter (B,) int64, err (B,) L1 row-marginal error, plan (B, M, N) in cost dtype or (0,),
+  // eps_reached (B,) float64: the eps the results belong to (> eps when max_iter stopped the schedule).
+  // relative_eps: each problem's eps is eps * (max C - min C) over its real entries (1 where 0).
   m.def("sinkhorn_fwd(Tensor cost, Tensor a, Tensor b, float eps, int max_iter, float tol, "
-        "bool return_plan, bool newton) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Envelope gradient of grad * value: (grad_cost, grad_a, grad_b), plan recomputed from f, g.
-  m.def("sinkhorn_bwd(Tensor grad, Tensor cost, Tensor a, Tensor b, Tensor f, Tensor g, float eps) "
+        "bool return_plan, bool newton, bool relative_eps=False) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Envelope gradient of grad * value: (grad_cost, grad_a, grad_b), plan recomputed from f, g at
+  // each problem's eps (B,) (the forward's eps_reached).
+  m.def("sinkhorn_bwd(Tensor grad, Tensor cost, Tensor a, Tensor b, Tensor f, Tensor g, Tensor eps) "
         "-> (Tensor, Tensor, Tensor)");
   // Word Rotator's Distance: x (B, M, D), y (B, N, D), masks bool (True = token); masses
-  // ||x_i|| / sum ||x||, cost 1 - cos computed in the kernel. Returns (value, dual, f, g, n_iter, err).
+  // ||x_i|| / sum ||x||, cost 1 - cos computed in the kernel. Returns (value, dual, f, g, n_iter, err,
+  // eps_reached).
   m.def("wrd_fwd(Tensor x, Tensor y, Tensor? x_mask, Tensor? y_mask, float eps, int max_iter, "
-        "float tol, bool newton) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "float tol, bool newton, bool relative_eps=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("wrd_bwd(Tensor grad, Tensor x, Tensor y, Tensor? x_mask, Tensor? y_mask, Tensor f, "
-        "Tensor g, float eps) -> (Tensor, Tensor)");
+        "Tensor g, Tensor eps) -> (Tensor, Tensor)");
   // ---- RoPE and fused RoPE attention (RoFormer) ----------------------------------------------
   // x (B, H, L, D); positions None (= offset + arange(L)) or int64 (B, L) (a stride-0 expanded
   // (L,) view is fine). Rotates the first rotary_dim channels by positions * base^(-2i/rotary_dim)

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODULES = ["kxkernels.ops.sparse_softmax", "kxkernels.ops.global_pointer", "kxkernels.ops.rope_attention", "kxkernels.nn.attention", "kxkernels.integrations.transformers",
-           "kxkernels.ops.linear_attention", "kxkernels.nn.linear_attention"]
+           "kxkernels.ops.linear_attention", "kxkernels.nn.linear_attention", "kxkernels.ops.sinkhorn"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -31,31 +31,35 @@ def test_reference_schedule_is_the_extensions():
         assert m and float(m.group(1)) == s[key], name
 
 
-@pytest.mark.parametrize("rel", ["csrc/cpu/sinkhorn.cpp", "csrc/cuda/sinkhorn.cu", "csrc/cuda/sinkhorn_kernel.cuh",
+@pytest.mark.parametrize("rel", ["csrc/cpu/sinkhorn.cpp", "csrc/cpu/sinkhorn_kernels.h", "csrc/cuda/sinkhorn.cu", "csrc/cuda/sinkhorn_kernel.cuh",
                                  "kxkernels/ops/sinkhorn/reference.py"])
 def test_no_second_copy(rel):
     src = _read(rel)
     for name in ("kEpsRatio", "kStageSweeps", "kStageTol"):
         assert not re.search(rf"constexpr \w+ {name} =", src), f"{rel} defines its own {name}"
     assert not re.search(r"^(EPS_RATIO|STAGE_SWEEPS|STAGE_TOL|OMEGA) = [0-9]", src, re.M), rel
-    for fn in ("check_problem_tensors", "check_settings", "check_tokens", "check_potentials"):
-        assert not re.search(rf"^(inline )?void {fn}\(", src, re.M), f"{rel} defines its own {fn}"
+    for fn in ("check_problem_tensors", "check_settings", "check_tokens", "check_potentials", "problem_eps"):
+        assert not re.search(rf"^(inline )?(void|at::Tensor) {fn}\(", src, re.M), f"{rel} defines its own {fn}"
 
 
 def test_cpu_op_uses_the_shared_checks():
     """The messages the shared header writes, from the CPU ops (the CUDA glue calls the same code)."""
     ops = torch.ops.kxkernels
     cost, a, b = torch.rand(2, 3, 4), torch.rand(2, 3), torch.rand(2, 4)
+    eps2 = torch.full((2,), 0.1, dtype=torch.float64)  # the backward's per-problem eps (the forward's eps_reached)
     with pytest.raises(ValueError, match="b must have shape \\(2, 4\\)"):
         ops.sinkhorn_fwd(cost, a, torch.rand(2, 5), 0.1, 10, 1e-6, False, False)
     with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         ops.sinkhorn_fwd(cost, a, b, float("inf"), 10, 1e-6, False, False)
     with pytest.raises(ValueError, match="f must have shape \\(2, 3\\), got"):
-        ops.sinkhorn_bwd(torch.ones(2), cost, a, b, torch.zeros(2, 4), torch.zeros(2, 4), 0.1)
-    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
-        ops.sinkhorn_bwd(torch.ones(2), cost, a, b, torch.zeros(2, 3), torch.zeros(2, 4), float("nan"))
+        ops.sinkhorn_bwd(torch.ones(2), cost, a, b, torch.zeros(2, 4), torch.zeros(2, 4), eps2)
+    with pytest.raises(ValueError, match="eps must be finite and > 0 for every problem"):
+        ops.sinkhorn_bwd(torch.ones(2), cost, a, b, torch.zeros(2, 3), torch.zeros(2, 4),
+                         torch.tensor([0.1, float("nan")], dtype=torch.float64))
+    with pytest.raises(ValueError, match="eps must have shape \\(2,\\)"):
+        ops.sinkhorn_bwd(torch.ones(2), cost, a, b, torch.zeros(2, 3), torch.zeros(2, 4), eps2[:1])
     x, y = torch.rand(2, 3, 5), torch.rand(2, 4, 5)
     with pytest.raises(TypeError, match="y_mask must be bool"):
         ops.wrd_fwd(x, y, None, torch.ones(2, 4), 0.1, 10, 1e-6, False)
     with pytest.raises(ValueError, match="g must have shape \\(2, 4\\), got"):
-        ops.wrd_bwd(torch.ones(2), x, y, None, None, torch.zeros(2, 3), torch.zeros(2, 5), 0.1)
+        ops.wrd_bwd(torch.ones(2), x, y, None, None, torch.zeros(2, 3), torch.zeros(2, 5), eps2)

@@ -33,9 +33,6 @@ inline void check_settings(double eps, int64_t max_iter, double tol) {
   KX_CHECK(tol > 0, "tol must be > 0, got ", tol);
 }
 
-// eps of the backward ops.
-inline void check_bwd_eps(double eps) { KX_CHECK(eps > 0 && std::isfinite(eps), "eps must be a finite number > 0, got ", eps); }
-
 // x (B, M, D), y (B, N, D) of one floating dtype and device; masks bool (B, M) / (B, N) there too.
 inline void check_tokens(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
                          const std::optional<at::Tensor>& y_mask) {
@@ -75,6 +72,20 @@ inline void check_potentials(const at::Tensor& grad, const at::Tensor& f, const 
   check_same_device(grad, like, "grad", "the inputs");
   check_same_device(f, like, "f", "the inputs");
   check_same_device(g, like, "g", "the inputs");
+}
+
+// The backward ops' per-problem eps (B,) (the forward's eps_reached), checked finite and > 0;
+// returned as a contiguous float64 host tensor.
+inline at::Tensor problem_eps(const at::Tensor& eps, int64_t B) {
+  check_floating(eps, "eps");
+  KX_CHECK(eps.dim() == 1 && eps.size(0) == B, "eps must have shape (", B, ",) (one eps per problem, as the "
+           "forward returns it), got ", eps.sizes());
+  at::Tensor e = eps.to(at::kCPU, at::kDouble).contiguous();
+  const double* ep = e.data_ptr<double>();
+  for (int64_t p = 0; p < B; ++p)
+    KX_CHECK(ep[p] > 0 && std::isfinite(ep[p]), "eps must be finite and > 0 for every problem, got ", ep[p],
+             " for problem ", p);
+  return e;
 }
 
 }  // namespace kx

@@ -139,11 +139,29 @@ sk::Tokens<T> tokens_of(const at::Tensor& x, const std::optional<at::Tensor>& ma
   return t;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_fwd_cuda(
-    const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps, int64_t max_iter, double tol,
-    bool return_plan, bool /*newton: CPU only*/) {
+// The CUDA kernels run one eps for the whole batch: relative_eps (an eps per problem) is CPU-only
+// for now, and so is telling a stop before the eps schedule ends (eps_reached reports eps).
+void check_cuda_eps_mode(bool relative_eps) {
+  KX_CHECK(!relative_eps, "relative_eps=True is not implemented by the CUDA kernels yet (they run one eps per "
+           "batch): pass relative_eps=False on CUDA tensors, or run on the CPU");
+}
+
+// One eps for the batch from the backward's per-problem eps (B,).
+double uniform_eps(const at::Tensor& eps, int64_t B) {
+  const at::Tensor e = problem_eps(eps, B);
+  const double* ep = e.data_ptr<double>();
+  for (int64_t p = 1; p < B; ++p)
+    KX_CHECK(ep[p] == ep[0], "eps must be the same for every problem on CUDA (the CUDA kernels run one eps per "
+             "batch), got ", ep[0], " and ", ep[p]);
+  return B > 0 ? ep[0] : 1.0;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sinkhorn_fwd_cuda(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps, int64_t max_iter,
+                  double tol, bool return_plan, bool /*newton: CPU only*/, bool relative_eps) {
   check_problem(cost, a, b);
   check_settings(eps, max_iter, tol);
+  check_cuda_eps_mode(relative_eps);
   const c10::cuda::CUDAGuard guard(cost.device());
   const int64_t B = cost.size(0), M = cost.size(1), N = cost.size(2);
   check_index_range("sinkhorn", M, N);
@@ -164,16 +182,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                         mptr<float>(err), mptr<int64_t>(n_iter), return_plan ? mptr<T>(plan) : nullptr};
                   });
   });
-  return {value, dual, f, g, n_iter, err, plan};
+  return {value, dual, f, g, n_iter, err, plan, at::full({B}, eps, cost.options().dtype(at::kDouble))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cuda(const at::Tensor& grad, const at::Tensor& cost,
                                                                  const at::Tensor& a, const at::Tensor& b,
                                                                  const at::Tensor& f, const at::Tensor& g,
-                                                                 double eps) {
+                                                                 const at::Tensor& eps_b) {
   check_problem(cost, a, b);
-  check_bwd_eps(eps);
   const int64_t B = cost.size(0), M = cost.size(1), N = cost.size(2);
+  const double eps = uniform_eps(eps_b, B);
   check_potentials(grad, f, g, cost, B, M, N);
   const c10::cuda::CUDAGuard guard(cost.device());
   // masses and potentials in shared memory when they fit, else in a workspace slice per block
@@ -202,11 +220,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cuda(const at::Tenso
   return {gc, ga, gb};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wrd_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wrd_fwd_cuda(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& x_mask,
-    const std::optional<at::Tensor>& y_mask, double eps, int64_t max_iter, double tol, bool /*newton*/) {
+    const std::optional<at::Tensor>& y_mask, double eps, int64_t max_iter, double tol, bool /*newton*/,
+    bool relative_eps) {
   check_cuda_tokens(x, y, x_mask, y_mask);
   check_settings(eps, max_iter, tol);
+  check_cuda_eps_mode(relative_eps);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), M = x.size(1), N = y.size(1);
   check_index_range("wrd", M, N);
@@ -224,16 +244,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                              mptr<float>(g), mptr<float>(err), mptr<int64_t>(n_iter)};
                   });
   });
-  return {value, dual, f, g, n_iter, err};
+  return {value, dual, f, g, n_iter, err, at::full({B}, eps, x.options().dtype(at::kDouble))};
 }
 
 std::tuple<at::Tensor, at::Tensor> wrd_bwd_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
                                                 const std::optional<at::Tensor>& x_mask,
                                                 const std::optional<at::Tensor>& y_mask, const at::Tensor& f,
-                                                const at::Tensor& g, double eps) {
+                                                const at::Tensor& g, const at::Tensor& eps_b) {
   check_cuda_tokens(x, y, x_mask, y_mask);
-  check_bwd_eps(eps);
   const int64_t B = x.size(0), M = x.size(1), N = y.size(1), D = x.size(2);
+  const double eps = uniform_eps(eps_b, B);
   check_potentials(grad, f, g, x, B, M, N);
   const c10::cuda::CUDAGuard guard(x.device());
   check_index_range("wrd backward", M, N);

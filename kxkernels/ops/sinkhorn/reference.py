@@ -50,14 +50,25 @@ def _lse(z: torch.Tensor, dim: int) -> torch.Tensor:
 
 def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, eps: float = 0.01,
              max_iter: int = 1000, tol: float = 1e-6, return_plan: bool = False,
-             compute_dtype: torch.dtype | None = None, omega: float = OMEGA):
-    """Batched log-domain Sinkhorn. Returns ``(value, dual, f, g, n_iter, err, plan or None)``.
+             compute_dtype: torch.dtype | None = None, omega: float = OMEGA, return_eps: bool = False,
+             relative_eps: bool = False):
+    """Batched log-domain Sinkhorn. Returns ``(value, dual, f, g, n_iter, err, plan or None)``,
+    plus ``eps_reached (B,)`` float64 last when ``return_eps``.
 
     ``compute_dtype`` defaults to float64 for float64 input and float32 otherwise. Masses are
-    normalized to sum 1 per problem; a problem with no mass on both sides gives zeros.
+    normalized to sum 1 per problem; a problem with no mass on both sides gives zeros. A problem
+    that ``max_iter`` stops before its eps schedule reaches ``eps`` returns the value, potentials
+    and plan of the eps it reached (``eps_reached``), and an ``err`` of at least ``tol``. A
+    non-finite cost at a real entry (both masses > 0) raises ValueError. With ``relative_eps``
+    problem ``p`` runs at ``eps * (max C_p - min C_p)`` over its real entries (``eps`` where that is 0).
     """
     dt = compute_dtype or (torch.float64 if cost.dtype == torch.float64 else torch.float32)
     C, a, b = cost.to(dt), a.to(dt), b.to(dt)
+    real = (a > 0)[:, :, None] & (b > 0)[:, None, :]
+    if bool((real & ~torch.isfinite(C)).any()):
+        p, i, j = (real & ~torch.isfinite(C)).nonzero()[0].tolist()
+        raise ValueError(f"cost must be finite at real entries (a_i > 0 and b_j > 0), got cost[{p}, {i}, {j}] = "
+                         f"{C[p, i, j].item()}")
     B = C.shape[0]
     va, vb = a > 0, b > 0
     a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(dt).tiny)
@@ -69,7 +80,11 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, eps: float
     cmax = torch.where(valid, C, torch.full_like(C, -torch.inf)).flatten(1).amax(1)
     cmin = torch.where(valid, C, torch.full_like(C, torch.inf)).flatten(1).amin(1)
     spread = torch.where(empty, torch.zeros_like(cmax), cmax - cmin)
-    e = spread.clamp_min(eps)                      # per-problem current eps
+    target = torch.full_like(spread, eps)          # per-problem target eps
+    if relative_eps:
+        target = torch.where(spread > 0, eps * spread, target)
+    eps = target
+    e = torch.maximum(spread, eps)                 # per-problem current eps
     Cz = torch.where(valid, C, torch.zeros_like(C))  # padding entries never reach a sum
 
     f, g = torch.zeros_like(a), torch.zeros_like(b)
@@ -108,7 +123,7 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, eps: float
         f, g = f_new, g_new
         confirm = ~relax
         leave = active & ~final & ((stage_sweeps >= STAGE_SWEEPS) | (e_now < STAGE_TOL))
-        e = torch.where(leave, (e * EPS_RATIO).clamp_min(eps), e)
+        e = torch.where(leave, torch.maximum(e * EPS_RATIO, eps), e)
         stage_sweeps = torch.where(leave, torch.zeros_like(stage_sweeps), stage_sweeps)
         confirm = confirm & ~leave
     else:
@@ -118,6 +133,7 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, eps: float
         g = torch.where(done[:, None], g, gn)
         fn = torch.where(va, f_update(g, e), torch.zeros_like(f))
         e_now = torch.where(va, (a * torch.expm1((f - fn) / e[:, None]).abs()), torch.zeros_like(a)).sum(1)
+        e_now = torch.where(e > eps, e_now.clamp_min(tol), e_now)  # stopped before eps: err >= tol
         err = torch.where(done, err, e_now)
 
     # the potentials are defined up to f + c, g - c: pick <f, a> = <g, b>
@@ -130,7 +146,10 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, eps: float
     T = torch.where(valid, torch.exp(logT), torch.zeros_like(Cz))
     value = (T * Cz).sum((1, 2))
     dual = fa + gb
-    return value, dual, f, g, n_iter, err, (T if return_plan else None)
+    out = (value, dual, f, g, n_iter, err, (T if return_plan else None))
+    if return_eps:  # the eps each problem's results belong to (empty problems: eps)
+        out += (e.double(),)
+    return out
 
 
 def cosine_cost_and_masses(x: torch.Tensor, y: torch.Tensor, x_mask=None, y_mask=None):
@@ -151,8 +170,10 @@ def cosine_cost_and_masses(x: torch.Tensor, y: torch.Tensor, x_mask=None, y_mask
 
 def wrd(x: torch.Tensor, y: torch.Tensor, *, x_mask=None, y_mask=None, eps: float = 0.01,
         max_iter: int = 1000, tol: float = 1e-6, compute_dtype: torch.dtype | None = None,
-        omega: float = OMEGA) -> torch.Tensor:
-    """Word Rotator's Distance ``(B,)``: the transport cost of :func:`sinkhorn` on the cosine cost."""
+        omega: float = OMEGA, relative_eps: bool = True) -> torch.Tensor:
+    """Word Rotator's Distance ``(B,)``: the transport cost of :func:`sinkhorn` on the cosine cost
+    (eps relative to each pair's cost spread by default, as ``kxkernels.wrd``)."""
     dt = compute_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
     cost, a, b = cosine_cost_and_masses(x.to(dt), y.to(dt), x_mask, y_mask)
-    return sinkhorn(cost, a, b, eps=eps, max_iter=max_iter, tol=tol, compute_dtype=dt, omega=omega)[0]
+    return sinkhorn(cost, a, b, eps=eps, max_iter=max_iter, tol=tol, compute_dtype=dt, omega=omega,
+                    relative_eps=relative_eps)[0]
