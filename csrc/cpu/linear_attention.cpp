@@ -18,50 +18,12 @@
 #include <string>
 #include <vector>
 
+#include "common/blas.h"
 #include "common/checks.h"
 #include "common/math.h"
 #include "common/output.h"
 
-// The BLAS that ATen itself calls for CPU matmuls (MKL here, exported by libtorch_cpu).
-// at::native::cpublas::gemm's float/double overloads are not exported from libtorch_cpu in this
-// torch build (the extension would not load), so the tile GEMMs call the same Fortran BLAS entry
-// points directly; weak, so a torch without them still loads and falls back to plain loops.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
-
 namespace kx {
-
-// Column-major C (m x n) = alpha op(A) op(B) + beta C, BLAS conventions ('N' / 'T').
-template <typename A>
-void gemm_loops(char ta, char tb, int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda, const A* b,
-                int64_t ldb, A beta, A* c, int64_t ldc) {
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < m; ++i) {
-      A s = 0;
-      for (int64_t l = 0; l < k; ++l)
-        s += (ta == 'N' ? a[i + l * lda] : a[l + i * lda]) * (tb == 'N' ? b[l + j * ldb] : b[j + l * ldb]);
-      c[i + j * ldc] = alpha * s + (beta == A(0) ? A(0) : beta * c[i + j * ldc]);
-    }
-}
-
-inline void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                      const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (sgemm_ == nullptr) return gemm_loops(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
-  sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
-}
-inline void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
-                      const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  if (dgemm_ == nullptr) return gemm_loops(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
-  dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
-}
 
 // Everything a kernel needs, as raw pointers and element strides (see the kernels header).
 struct LaArgs {

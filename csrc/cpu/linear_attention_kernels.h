@@ -10,11 +10,11 @@ constexpr int64_t kMaxChunk = 128;  // LaArgs::chunk is at most this (tile sizes
 
 // ---- small row-major GEMM on the tiles -----------------------------------------------------------
 // C (M x N, ldc) = alpha * op(A) op(B) + beta * C, op(A) M x K, op(B) K x N, all row-major; BLAS is
-// column-major, so the product is issued as C^T = op(B)^T op(A)^T (kx::blas_gemm, host code).
+// column-major, so the product is issued as C^T = op(B)^T op(A)^T (kx::blas_gemm, common/blas.h).
 template <typename A>
 inline void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, A alpha, const A* a, int64_t lda,
                const A* b, int64_t ldb, A beta, A* c, int64_t ldc) {
-  blas_gemm(tb ? 'T' : 'N', ta ? 'T' : 'N', N, M, K, alpha, b, ldb, a, lda, beta, c, ldc);
+  blas_gemm(tb, ta, N, M, K, alpha, b, ldb, a, lda, beta, c, ldc);
 }
 
 // ---- loads and stores ----------------------------------------------------------------------------

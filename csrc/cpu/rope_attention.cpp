@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/blas.h"
 #include "common/checks.h"
 #include "common/math.h"
 #include "common/output.h"
@@ -49,58 +50,12 @@ struct AttnArgs {
   void *dq, *dk, *dv;  // contiguous like q, k, v
 };
 
-// Column-major C (m, n) = alpha op(A) op(B) + beta C, op = transpose when ta / tb.
-void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-               const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
-void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
-               const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
-
 }  // namespace kx
 
 #define KX_ISA_KERNELS "cpu/rope_attention_kernels.h"
 #include "common/isa_kernels.h"
 
-// The BLAS the torch wheel links (MKL on x86-64, OpenBLAS elsewhere) exports the Fortran sgemm_ /
-// dgemm_ that ATen's cpublas::gemm float / double overloads call; those overloads themselves are
-// not exported by the wheel (only cpublas::brgemm is), so the tiles call the BLAS directly, as they
-// would. Weak references: a torch built without BLAS leaves them null and a plain loop runs.
-extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
-
 namespace kx {
-
-template <typename A>
-static void loop_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda,
-                      const A* b, int64_t ldb, A beta, A* c, int64_t ldc) {
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < m; ++i) {
-      A acc = 0;
-      for (int64_t p = 0; p < k; ++p) acc += (ta ? a[i * lda + p] : a[p * lda + i]) * (tb ? b[p * ldb + j] : b[j * ldb + p]);
-      c[j * ldc + i] = alpha * acc + (beta == A(0) ? A(0) : beta * c[j * ldc + i]);
-    }
-}
-
-void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-               const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (sgemm_ == nullptr) return loop_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  const char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
-  const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
-  sgemm_(&cta, &ctb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
-}
-
-void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
-               const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  if (dgemm_ == nullptr) return loop_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  const char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
-  const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
-  dgemm_(&cta, &ctb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
-}
 
 namespace {
 

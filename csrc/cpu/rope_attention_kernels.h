@@ -287,7 +287,7 @@ void rope_apply(const RopeArgs& a) {
 }
 
 // ---- fused attention --------------------------------------------------------------------------
-// Tile products go to kx::blas_gemm (rope_attention.cpp): the BLAS sgemm / dgemm ATen's
+// Tile products go to kx::blas_gemm (common/blas.h): the BLAS sgemm / dgemm ATen's
 // cpublas::gemm calls, column-major, so a row-major (r, c) buffer is a column-major (c, r) one.
 
 // Causal (bottom-right aligned): query row i sees keys j <= i + Lk - Lq. Number of keys of the
