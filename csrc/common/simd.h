@@ -34,6 +34,22 @@ inline float hmax(vfloat v) {
   return m;
 }
 
+// sum_i a[i] * b[i] over n elements (float32 lanes; any other type a plain loop).
+template <typename A>
+inline A vdot(const A* a, const A* b, int64_t n) {
+  A s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+inline float vdot(const float* a, const float* b, int64_t n) {
+  vfloat acc = vbroadcast(0.f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += vload(a + i) * vload(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
 // exp in float32, within 2 ulp (Cephes expf: Cody-Waite reduction by ln 2, degree-6 polynomial,
 // 2^n applied as two factors so that subnormal results and the top of the range are exact in
 // form). Below -103.98 (including -inf) it is exactly 0, above 88.7228 +inf, NaN stays NaN.

@@ -183,20 +183,6 @@ inline void rope_rows(const float* x, float* y, int64_t n, int64_t D, const floa
 }
 
 template <typename A>
-inline A dot_n(const A* a, const A* b, int64_t n) {
-  A s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-inline float dot_n(const float* a, const float* b, int64_t n) {
-  vfloat acc = vbroadcast(0.f);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) acc += vload(a + i) * vload(b + i);
-  float s = hsum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-template <typename A>
 inline void axpy_n(A alpha, const A* x, A* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
@@ -274,7 +260,7 @@ void load_grad_chunk(const LaArgs& p, int64_t b, int64_t h, int64_t t0, int64_t 
   for (int64_t i = 0; i < n; ++i) {
     const A inv = den[i] != A(0) ? A(1) / den[i] : A(0);
     for (int64_t d = 0; d < Dv; ++d) w.gn[i * Dv + d] = w.go[i * Dv + d] * inv;
-    w.gd[i] = -dot_n(w.gn + i * Dv, w.w2 + i * Dv, Dv);
+    w.gd[i] = -vdot(w.gn + i * Dv, w.w2 + i * Dv, Dv);
   }
 }
 
@@ -317,7 +303,7 @@ void causal_forward(const LaArgs& p) {
         for (int64_t i = 0; i < n; ++i) {
           axpy_n(A(1), w.fk + i * Dk, w.z, Dk);
           if (p.normalize) {
-            const A d = dot_n(w.fq + i * Dk, w.z, Dk) + A(p.eps);
+            const A d = vdot(w.fq + i * Dk, w.z, Dk) + A(p.eps);
             den[t0 + i] = d;
             const A inv = d != A(0) ? A(1) / d : A(0);
             for (int64_t e = 0; e < Dv; ++e) num[i * Dv + e] *= inv;
@@ -451,7 +437,7 @@ void full_forward(const LaArgs& p) {
         mm<A>(false, false, n, Dv, Dk, 1, rq_of(p, w), Dk, w.S, Dv, 0, num, Dv);
         if (p.normalize) {
           for (int64_t i = 0; i < n; ++i) {
-            const A d = dot_n(w.fq + i * Dk, w.z, Dk) + A(p.eps);
+            const A d = vdot(w.fq + i * Dk, w.z, Dk) + A(p.eps);
             den[t0 + i] = d;
             const A inv = d != A(0) ? A(1) / d : A(0);
             for (int64_t e = 0; e < Dv; ++e) num[i * Dv + e] *= inv;

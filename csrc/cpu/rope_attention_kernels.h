@@ -247,21 +247,6 @@ inline void row_softmax_grad(const float* p, float* ds, int64_t n, float d) {
   for (; j < n; ++j) ds[j] = p[j] * (ds[j] - d);
 }
 
-template <typename A>
-inline A row_dot(const A* a, const A* b, int64_t n) {
-  A s = 0;
-  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
-  return s;
-}
-
-inline float row_dot(const float* a, const float* b, int64_t n) {
-  vfloat acc = vbroadcast(0.f);
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) acc += vload(a + j) * vload(b + j);
-  float s = hsum(acc);
-  for (; j < n; ++j) s += a[j] * b[j];
-  return s;
-}
 
 // ---- apply_rope -------------------------------------------------------------------------------
 // x (B, H, L, D) strided -> y contiguous (B, H, L, D). Table rows (nb, L, 2 * rd): C then S.
@@ -415,7 +400,7 @@ void attn_forward(const AttnArgs& a) {
                 ps *= f;
               } else {  // a jump past the cap (rare): recompute this row's scores
                 for (int64_t j = 0; j < nc; ++j)
-                  row[j] = row_dot(qs.data() + r * a.D, hp.k + (n0 + j) * hp.ldk, a.D) + (brow ? brow[j] : A(0));
+                  row[j] = vdot(qs.data() + r * a.D, hp.k + (n0 + j) * hp.ldk, a.D) + (brow ? brow[j] : A(0));
                 ps = row_exp2_sum(row, nc, kn, bm);
               }
               const A alpha = std::exp2(mx[r] - bm);
@@ -497,7 +482,7 @@ void attn_backward(const AttnArgs& a) {
               const int64_t i = m0 + r;
               load_row(gout + b * a.sgb + h * a.sgh + i * a.sgl, a.sgd, dob.data() + r * a.Dv, a.Dv, A(1));
               load_row(outp + b * a.sob + h * a.soh + i * a.sol, a.sod, orow.data(), a.Dv, A(1));
-              di[r] = row_dot(dob.data() + r * a.Dv, orow.data(), a.Dv);
+              di[r] = vdot(dob.data() + r * a.Dv, orow.data(), a.Dv);
               lr[r] = lse[(b * a.Hq + h) * a.Lq + i] * static_cast<A>(kLog2e);  // +inf stays +inf
             }
           }
