@@ -14,9 +14,26 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // the C entry (the lowercase symbols are Fortran)
 }
 
 namespace kx {
+
+// Inside a parallel region each task's tile GEMMs must run on the calling thread alone. MKL's
+// threaded driver, called from an OpenMP worker, still takes a per-call synchronization path (futex
+// wake-ups measured at 2 threads); MKL_Set_Num_Threads_Local(1) selects its sequential path for the
+// calling thread for the scope of this guard (a no-op where MKL is not the BLAS).
+struct BlasSequential {
+  int saved = 0;
+  BlasSequential() {
+    if (MKL_Set_Num_Threads_Local != nullptr) saved = MKL_Set_Num_Threads_Local(1);
+  }
+  ~BlasSequential() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(saved);
+  }
+  BlasSequential(const BlasSequential&) = delete;
+  BlasSequential& operator=(const BlasSequential&) = delete;
+};
 
 // Column-major C (m x n) = alpha op(A) op(B) + beta C (BLAS conventions; ta / tb transpose).
 template <typename A>

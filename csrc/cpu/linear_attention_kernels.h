@@ -126,13 +126,14 @@ void rope_table(const int64_t* pos, int64_t offset, int64_t P, int64_t L, int64_
   });
 }
 
-// y (n x D) = rot(x) (sign +1) or rot^-1(x) (sign -1), x != y, table rows cosF/sinS (n x D).
+// y (n x D, rows D apart) = rot(x) (sign +1) or rot^-1(x) (sign -1), x (rows ldx apart) != y,
+// table rows cosF/sinS (n x D).
 template <typename A>
-inline void rope_rows(const A* x, A* y, int64_t n, int64_t D, const A* cosF, const A* sinS, A sign,
+inline void rope_rows(const A* x, int64_t ldx, A* y, int64_t n, int64_t D, const A* cosF, const A* sinS, A sign,
                       bool interleaved) {
   const int64_t half = D / 2;
   for (int64_t i = 0; i < n; ++i) {
-    const A* xr = x + i * D;
+    const A* xr = x + i * ldx;
     A* yr = y + i * D;
     const A* c = cosF + i * D;
     const A* s = sinS + i * D;
@@ -150,11 +151,11 @@ inline void rope_rows(const A* x, A* y, int64_t n, int64_t D, const A* cosF, con
 }
 
 // float32: the same with vectors; the interleaved partner is a lane swap within each pair.
-inline void rope_rows(const float* x, float* y, int64_t n, int64_t D, const float* cosF, const float* sinS,
-                      float sign, bool interleaved) {
+inline void rope_rows(const float* x, int64_t ldx, float* y, int64_t n, int64_t D, const float* cosF,
+                      const float* sinS, float sign, bool interleaved) {
   const int64_t half = D / 2;
   if (interleaved ? D % kLanes != 0 : half % kLanes != 0)
-    return rope_rows<float>(x, y, n, D, cosF, sinS, sign, interleaved);
+    return rope_rows<float>(x, ldx, y, n, D, cosF, sinS, sign, interleaved);
 #if KX_ISA_LEVEL == 2
   const vint swap = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
 #elif KX_ISA_LEVEL == 1
@@ -163,7 +164,7 @@ inline void rope_rows(const float* x, float* y, int64_t n, int64_t D, const floa
   const vint swap = {1, 0, 3, 2};
 #endif
   for (int64_t i = 0; i < n; ++i) {
-    const float* xr = x + i * D;
+    const float* xr = x + i * ldx;
     float* yr = y + i * D;
     const float* c = cosF + i * D;
     const float* s = sinS + i * D;
@@ -199,69 +200,132 @@ inline void mask_triu(A* t, int64_t n) {
     for (int64_t j = 0; j < i; ++j) t[i * n + j] = 0;
 }
 
-// ---- one chunk's tiles ---------------------------------------------------------------------------
+// ---- one chunk's operands ------------------------------------------------------------------------
+// The GEMMs read each chunk operand through a pointer and a row stride: a tile of the workspace
+// (rows D apart) when the operand had to be computed (a feature map, RoPE, a mask, a conversion
+// from fp16 / bf16, strided last dim), else the input rows in place (same type, unit last stride),
+// so the identity map on float32 / float64 copies nothing.
+template <typename A>
+struct View {
+  const A *fq = nullptr, *rq = nullptr, *fk = nullptr, *rk = nullptr, *v = nullptr, *gn = nullptr;
+  int64_t lfq = 0, lrq = 0, lfk = 0, lrk = 0, lv = 0, lgn = 0;
+};
+
 template <typename A>
 struct Tiles {
   std::vector<A> mem;
-  A *xq, *fq, *rq, *xk, *fk, *rk, *v, *go, *gn, *gd, *den, *t1, *t2, *w1, *w2, *wk, *S, *z, *R, *Zr;
+  A *fq, *rq, *fk, *rk, *v, *go, *gn, *gd, *t1, *t2, *w1, *w2, *wk, *S, *z, *R, *Zr;
+  View<A> c;
   Tiles(int64_t C, int64_t Dk, int64_t Dv) {
     const int64_t nk = C * Dk, nv = C * Dv;
-    mem.assign(size_t(6 * nk + 4 * nv + 2 * C + 2 * C * C + nk + 2 * Dk * Dv + 2 * Dk + nv), A(0));
+    mem.assign(size_t(5 * nk + 6 * nv + C + 2 * C * C + 2 * Dk * Dv + 2 * Dk), A(0));
     A* p = mem.data();
     auto take = [&](int64_t n) { A* r = p; p += n; return r; };
-    xq = take(nk); fq = take(nk); rq = take(nk); xk = take(nk); fk = take(nk); rk = take(nk);
+    fq = take(nk); rq = take(nk); fk = take(nk); rk = take(nk); wk = take(nk);
     v = take(nv); go = take(nv); gn = take(nv); w1 = take(nv); w2 = take(nv);
-    gd = take(C); den = take(C); t1 = take(C * C); t2 = take(C * C); wk = take(nk);
+    gd = take(C); t1 = take(C * C); t2 = take(C * C);
     S = take(Dk * Dv); R = take(Dk * Dv); z = take(Dk); Zr = take(Dk);
   }
 };
 
-// Loads q, k (feature map, mask, RoPE) and v rows [t0, t0 + n) of head (b, h) into the tiles.
+// Rows of x (strides st[2], st[3]) as an operand: in place when `direct` (same type, unit last stride),
+// else converted into `tile`.
+template <typename T, typename A>
+inline void rows_view(const T* x, const int64_t* st, int64_t n, int64_t D, A* tile, const A** out, int64_t* ld) {
+  if (std::is_same<T, A>::value && st[3] == 1) {
+    *out = reinterpret_cast<const A*>(x);
+    *ld = st[2];
+    return;
+  }
+  load_rows(x, st[2], st[3], n, D, tile);
+  *out = tile;
+  *ld = D;
+}
+
+// phi(x) rows, masked rows (keep[i] false) zero: x itself for the identity map without a mask.
+template <typename T, typename A>
+inline void feature_view(const T* x, const int64_t* st, int64_t n, int64_t D, int fm, const bool* keep, A* tile,
+                         const A** out, int64_t* ld) {
+  const A* src;
+  int64_t lds;
+  rows_view(x, st, n, D, tile, &src, &lds);
+  if (fm == 2 && keep == nullptr) {
+    *out = src;
+    *ld = lds;
+    return;
+  }
+  if (src == tile || lds == D) {
+    phi_n(src, tile, n * D, fm);  // in place when src is the tile (identity: nothing, or a copy)
+  } else {
+    for (int64_t i = 0; i < n; ++i) phi_n(src + i * lds, tile + i * D, D, fm);
+  }
+  if (keep != nullptr)
+    for (int64_t i = 0; i < n; ++i)
+      if (!keep[i]) std::memset(tile + i * D, 0, size_t(D) * sizeof(A));
+  *out = tile;
+  *ld = D;
+}
+
+// q, k (feature map, key mask, RoPE) and v rows [t0, t0 + n) of head (b, h) as operands in w.c.
 template <typename T, typename A>
 void load_chunk(const LaArgs& p, int64_t b, int64_t h, int64_t t0, int64_t n, Tiles<A>& w) {
   const int64_t Dk = p.Dk, Dv = p.Dv;
   const T* q = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1] + t0 * p.qs[2];
   const T* k = static_cast<const T*>(p.k) + b * p.ks[0] + h * p.ks[1] + t0 * p.ks[2];
   const T* v = static_cast<const T*>(p.v) + b * p.vs[0] + h * p.vs[1] + t0 * p.vs[2];
-  load_rows(q, p.qs[2], p.qs[3], n, Dk, w.xq);
-  load_rows(k, p.ks[2], p.ks[3], n, Dk, w.xk);
-  load_rows(v, p.vs[2], p.vs[3], n, Dv, w.v);
-  phi_n(w.xq, w.fq, n * Dk, p.fm);
-  phi_n(w.xk, w.fk, n * Dk, p.fm);
-  if (p.mask != nullptr) {
-    const bool* m = p.mask + b * p.L + t0;
-    for (int64_t i = 0; i < n; ++i)
-      if (!m[i]) std::memset(w.fk + i * Dk, 0, size_t(Dk) * sizeof(A));
-  }
+  View<A>& c = w.c;
+  rows_view(v, p.vs, n, Dv, w.v, &c.v, &c.lv);
+  feature_view(q, p.qs, n, Dk, p.fm, nullptr, w.fq, &c.fq, &c.lfq);
+  feature_view(k, p.ks, n, Dk, p.fm, p.mask != nullptr ? p.mask + b * p.L + t0 : nullptr, w.fk, &c.fk, &c.lfk);
   if (p.rope) {
     const A* cosF = static_cast<const A*>(p.cosF) + ((p.P == 1 ? 0 : b) * p.L + t0) * Dk;
     const A* sinS = static_cast<const A*>(p.sinS) + ((p.P == 1 ? 0 : b) * p.L + t0) * Dk;
-    rope_rows(w.fq, w.rq, n, Dk, cosF, sinS, A(1), p.interleaved);
-    rope_rows(w.fk, w.rk, n, Dk, cosF, sinS, A(1), p.interleaved);
+    rope_rows(c.fq, c.lfq, w.rq, n, Dk, cosF, sinS, A(1), p.interleaved);
+    rope_rows(c.fk, c.lfk, w.rk, n, Dk, cosF, sinS, A(1), p.interleaved);
+    c.rq = w.rq;
+    c.rk = w.rk;
+    c.lrq = c.lrk = Dk;
+  } else {
+    c.rq = c.fq;
+    c.lrq = c.lfq;
+    c.rk = c.fk;
+    c.lrk = c.lfk;
   }
 }
 
-template <typename A>
-inline const A* rq_of(const LaArgs& p, const Tiles<A>& w) { return p.rope ? w.rq : w.fq; }
-template <typename A>
-inline const A* rk_of(const LaArgs& p, const Tiles<A>& w) { return p.rope ? w.rk : w.fk; }
-
-// Upstream gradient of chunk rows: gn = go / den (numerator), gd = -(go . out) / den (denominator);
-// without normalize gn = go. A zero denominator (eps = 0, nothing seen yet) counts as 1/den = 0.
+// Upstream gradient of chunk rows as w.c.gn: gn = go / den (numerator), w.gd = -(go . out) / den
+// (denominator); without normalize gn = go (in place when it can be). A zero denominator (eps = 0,
+// nothing seen yet) counts as 1/den = 0.
 template <typename T, typename A>
 void load_grad_chunk(const LaArgs& p, int64_t b, int64_t h, int64_t t0, int64_t n, Tiles<A>& w) {
   const int64_t Dv = p.Dv;
   const T* go = static_cast<const T*>(p.gout) + b * p.gs[0] + h * p.gs[1] + t0 * p.gs[2];
-  load_rows(go, p.gs[2], p.gs[3], n, Dv, p.normalize ? w.go : w.gn);
-  if (!p.normalize) return;
-  const T* o = static_cast<const T*>(p.out) + b * p.os[0] + h * p.os[1] + t0 * p.os[2];
-  load_rows(o, p.os[2], p.os[3], n, Dv, w.w2);
+  View<A>& c = w.c;
+  if (!p.normalize) return rows_view(go, p.gs, n, Dv, w.gn, &c.gn, &c.lgn);
+  const A *g, *o;
+  int64_t lg, lo;
+  rows_view(go, p.gs, n, Dv, w.go, &g, &lg);
+  const T* out = static_cast<const T*>(p.out) + b * p.os[0] + h * p.os[1] + t0 * p.os[2];
+  rows_view(out, p.os, n, Dv, w.w2, &o, &lo);
   const A* den = static_cast<const A*>(p.den) + (b * p.H + h) * p.L + t0;
   for (int64_t i = 0; i < n; ++i) {
     const A inv = den[i] != A(0) ? A(1) / den[i] : A(0);
-    for (int64_t d = 0; d < Dv; ++d) w.gn[i * Dv + d] = w.go[i * Dv + d] * inv;
-    w.gd[i] = -vdot(w.gn + i * Dv, w.w2 + i * Dv, Dv);
+    for (int64_t d = 0; d < Dv; ++d) w.gn[i * Dv + d] = g[i * lg + d] * inv;
+    w.gd[i] = -vdot(w.gn + i * Dv, o + i * lo, Dv);
   }
+  c.gn = w.gn;
+  c.lgn = Dv;
+}
+
+// Where a chunk's result rows go: straight into the output (rows D apart) when it has the
+// accumulation type, else into `tile` and store_rows converts them.
+template <typename T, typename A>
+inline A* result_rows(T* out, A* tile) {
+  if constexpr (std::is_same<T, A>::value) return out; else return tile;
+}
+template <typename T, typename A>
+inline void finish_rows(const A* res, int64_t n, int64_t D, T* out) {
+  if constexpr (!std::is_same<T, A>::value) store_rows(res, n, D, out);
 }
 
 template <typename A>
@@ -283,7 +347,9 @@ void causal_forward(const LaArgs& p) {
   using A = acc_t<T>;
   const int64_t Dk = p.Dk, Dv = p.Dv, L = p.L, C = p.chunk;
   at::parallel_for(0, p.B * p.H, grain_heads(L), [&](int64_t t_begin, int64_t t_end) {
+    const BlasSequential sequential;
     Tiles<A> w(p.chunk, Dk, Dv);
+    const View<A>& c = w.c;
     for (int64_t bh = t_begin; bh < t_end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
       init_state(p.S0, bh, Dk * Dv, w.S);
@@ -293,24 +359,24 @@ void causal_forward(const LaArgs& p) {
       for (int64_t t0 = 0; t0 < L; t0 += C) {
         const int64_t n = std::min(C, L - t0);
         load_chunk<T>(p, b, h, t0, n, w);
-        const A* rq = rq_of(p, w);
-        const A* rk = rk_of(p, w);
-        A* num = w.w1;
-        mm<A>(false, false, n, Dv, Dk, 1, rq, Dk, w.S, Dv, 0, num, Dv);
-        mm<A>(false, true, n, n, Dk, 1, rq, Dk, rk, Dk, 0, w.t1, n);
+        A* num = result_rows(out + t0 * Dv, w.w1);
+        mm<A>(false, false, n, Dv, Dk, 1, c.rq, c.lrq, w.S, Dv, 0, num, Dv);
+        mm<A>(false, true, n, n, Dk, 1, c.rq, c.lrq, c.rk, c.lrk, 0, w.t1, n);
         mask_tril(w.t1, n);
-        mm<A>(false, false, n, Dv, n, 1, w.t1, n, w.v, Dv, 1, num, Dv);
-        for (int64_t i = 0; i < n; ++i) {
-          axpy_n(A(1), w.fk + i * Dk, w.z, Dk);
-          if (p.normalize) {
-            const A d = vdot(w.fq + i * Dk, w.z, Dk) + A(p.eps);
+        mm<A>(false, false, n, Dv, n, 1, w.t1, n, c.v, c.lv, 1, num, Dv);
+        if (p.normalize) {
+          for (int64_t i = 0; i < n; ++i) {
+            axpy_n(A(1), c.fk + i * c.lfk, w.z, Dk);
+            const A d = vdot(c.fq + i * c.lfq, w.z, Dk) + A(p.eps);
             den[t0 + i] = d;
             const A inv = d != A(0) ? A(1) / d : A(0);
             for (int64_t e = 0; e < Dv; ++e) num[i * Dv + e] *= inv;
           }
+        } else {
+          for (int64_t i = 0; i < n; ++i) axpy_n(A(1), c.fk + i * c.lfk, w.z, Dk);
         }
-        mm<A>(true, false, Dk, Dv, n, 1, rk, Dk, w.v, Dv, 1, w.S, Dv);
-        store_rows(num, n, Dv, out + t0 * Dv);
+        mm<A>(true, false, Dk, Dv, n, 1, c.rk, c.lrk, c.v, c.lv, 1, w.S, Dv);
+        finish_rows(num, n, Dv, out + t0 * Dv);
       }
       std::memcpy(static_cast<A*>(p.Sw) + bh * Dk * Dv, w.S, size_t(Dk * Dv) * sizeof(A));
       std::memcpy(static_cast<A*>(p.zw) + bh * Dk, w.z, size_t(Dk) * sizeof(A));
@@ -323,13 +389,16 @@ void causal_forward(const LaArgs& p) {
 //  forward pass (q side): g_rq = gn S_prev^T + tril(gn v^T) rk, g_fq += gd z_i; S, z recomputed.
 //  reverse pass (k, v side), R = dL/dS_final + sum_{later} rq_i gn_i^T, Zr = dL/dz_final + sum gd_i fq_i:
 //   g_rk = v R^T + triu(v gn^T) rq, g_v = rk R + triu(rk rq^T) gn, g_fk_j += Zr_j (reverse cumsum).
-// Then g_fq / g_fk go back through RoPE (inverse rotation), the mask and the feature map.
+// Then g_fq / g_fk go back through RoPE (inverse rotation), the mask and the feature map. Results
+// are written straight into the gradients when those have the accumulation type.
 template <typename T>
 void causal_backward(const LaArgs& p) {
   using A = acc_t<T>;
   const int64_t Dk = p.Dk, Dv = p.Dv, L = p.L, C = p.chunk;
   at::parallel_for(0, 2 * p.B * p.H, grain_heads(L), [&](int64_t t_begin, int64_t t_end) {
+    const BlasSequential sequential;
     Tiles<A> w(p.chunk, Dk, Dv);
+    const View<A>& c = w.c;
     for (int64_t task = t_begin; task < t_end; ++task) {
       const int64_t bh = task / 2, b = bh / p.H, h = bh % p.H;
       const A* cosF = p.rope ? static_cast<const A*>(p.cosF) + (p.P == 1 ? 0 : b) * L * Dk : nullptr;
@@ -342,24 +411,21 @@ void causal_backward(const LaArgs& p) {
           const int64_t n = std::min(C, L - t0);
           load_chunk<T>(p, b, h, t0, n, w);
           load_grad_chunk<T>(p, b, h, t0, n, w);
-          const A* rk = rk_of(p, w);
-          A* grq = w.wk;
-          mm<A>(false, true, n, Dk, Dv, 1, w.gn, Dv, w.S, Dv, 0, grq, Dk);
-          mm<A>(false, true, n, n, Dv, 1, w.gn, Dv, w.v, Dv, 0, w.t1, n);
+          // rq is not needed once g_rq is formed: its tile takes the rotated-back gradient
+          A* gfq = result_rows(gq + t0 * Dk, w.rq);
+          A* grq = p.rope ? w.wk : gfq;
+          mm<A>(false, true, n, Dk, Dv, 1, c.gn, c.lgn, w.S, Dv, 0, grq, Dk);
+          mm<A>(false, true, n, n, Dv, 1, c.gn, c.lgn, c.v, c.lv, 0, w.t1, n);
           mask_tril(w.t1, n);
-          mm<A>(false, false, n, Dk, n, 1, w.t1, n, rk, Dk, 1, grq, Dk);
-          A* gfq = grq;
-          if (p.rope) {
-            rope_rows(grq, w.rq, n, Dk, cosF + t0 * Dk, sinS + t0 * Dk, A(-1), p.interleaved);
-            gfq = w.rq;  // rq is not needed any more in this pass
-          }
+          mm<A>(false, false, n, Dk, n, 1, w.t1, n, c.rk, c.lrk, 1, grq, Dk);
+          if (p.rope) rope_rows(grq, Dk, gfq, n, Dk, cosF + t0 * Dk, sinS + t0 * Dk, A(-1), p.interleaved);
           for (int64_t i = 0; i < n; ++i) {
-            axpy_n(A(1), w.fk + i * Dk, w.z, Dk);
+            axpy_n(A(1), c.fk + i * c.lfk, w.z, Dk);
             if (p.normalize) axpy_n(w.gd[i], w.z, gfq + i * Dk, Dk);
           }
-          mm<A>(true, false, Dk, Dv, n, 1, rk, Dk, w.v, Dv, 1, w.S, Dv);
-          dphi_mul(w.fq, gfq, n * Dk, p.fm);
-          store_rows(gfq, n, Dk, gq + t0 * Dk);
+          mm<A>(true, false, Dk, Dv, n, 1, c.rk, c.lrk, c.v, c.lv, 1, w.S, Dv);
+          dphi_mul(w.fq, gfq, n * Dk, p.fm);  // fm != identity: fq is its tile
+          finish_rows(gfq, n, Dk, gq + t0 * Dk);
         }
       } else {  // k, v side, backward in time
         init_state(p.gS, bh, Dk * Dv, w.R);
@@ -367,31 +433,26 @@ void causal_backward(const LaArgs& p) {
         T* gk = static_cast<T*>(p.gkw) + bh * L * Dk;
         T* gv = static_cast<T*>(p.gvw) + bh * L * Dv;
         const int64_t nchunks = (L + C - 1) / C;
-        for (int64_t c = nchunks - 1; c >= 0; --c) {
-          const int64_t t0 = c * C, n = std::min(C, L - t0);
+        for (int64_t ci = nchunks - 1; ci >= 0; --ci) {
+          const int64_t t0 = ci * C, n = std::min(C, L - t0);
           load_chunk<T>(p, b, h, t0, n, w);
           load_grad_chunk<T>(p, b, h, t0, n, w);
-          const A* rq = rq_of(p, w);
-          const A* rk = rk_of(p, w);
-          A* grk = w.wk;
-          A* gvv = w.w1;
-          mm<A>(false, true, n, Dk, Dv, 1, w.v, Dv, w.R, Dv, 0, grk, Dk);
-          mm<A>(false, true, n, n, Dv, 1, w.v, Dv, w.gn, Dv, 0, w.t1, n);
+          A* gfk = result_rows(gk + t0 * Dk, w.rk);  // rk's tile once g_rk is formed, as above
+          A* grk = p.rope ? w.wk : gfk;
+          A* gvv = result_rows(gv + t0 * Dv, w.w1);
+          mm<A>(false, true, n, Dk, Dv, 1, c.v, c.lv, w.R, Dv, 0, grk, Dk);
+          mm<A>(false, true, n, n, Dv, 1, c.v, c.lv, c.gn, c.lgn, 0, w.t1, n);
           mask_triu(w.t1, n);
-          mm<A>(false, false, n, Dk, n, 1, w.t1, n, rq, Dk, 1, grk, Dk);
-          mm<A>(false, false, n, Dv, Dk, 1, rk, Dk, w.R, Dv, 0, gvv, Dv);
-          mm<A>(false, true, n, n, Dk, 1, rk, Dk, rq, Dk, 0, w.t2, n);
+          mm<A>(false, false, n, Dk, n, 1, w.t1, n, c.rq, c.lrq, 1, grk, Dk);
+          mm<A>(false, false, n, Dv, Dk, 1, c.rk, c.lrk, w.R, Dv, 0, gvv, Dv);
+          mm<A>(false, true, n, n, Dk, 1, c.rk, c.lrk, c.rq, c.lrq, 0, w.t2, n);
           mask_triu(w.t2, n);
-          mm<A>(false, false, n, Dv, n, 1, w.t2, n, w.gn, Dv, 1, gvv, Dv);
-          mm<A>(true, false, Dk, Dv, n, 1, rq, Dk, w.gn, Dv, 1, w.R, Dv);
-          A* gfk = grk;
-          if (p.rope) {
-            rope_rows(grk, w.rk, n, Dk, cosF + t0 * Dk, sinS + t0 * Dk, A(-1), p.interleaved);
-            gfk = w.rk;
-          }
+          mm<A>(false, false, n, Dv, n, 1, w.t2, n, c.gn, c.lgn, 1, gvv, Dv);
+          mm<A>(true, false, Dk, Dv, n, 1, c.rq, c.lrq, c.gn, c.lgn, 1, w.R, Dv);
+          if (p.rope) rope_rows(grk, Dk, gfk, n, Dk, cosF + t0 * Dk, sinS + t0 * Dk, A(-1), p.interleaved);
           const bool* m = p.mask != nullptr ? p.mask + b * L + t0 : nullptr;
           for (int64_t i = n - 1; i >= 0; --i) {
-            if (p.normalize) axpy_n(w.gd[i], w.fq + i * Dk, w.Zr, Dk);
+            if (p.normalize) axpy_n(w.gd[i], c.fq + i * c.lfq, w.Zr, Dk);
             A* g = gfk + i * Dk;
             if (m != nullptr && !m[i]) {
               std::memset(g, 0, size_t(Dk) * sizeof(A));
@@ -399,9 +460,9 @@ void causal_backward(const LaArgs& p) {
               axpy_n(A(1), w.Zr, g, Dk);
             }
           }
-          dphi_mul(w.fk, gfk, n * Dk, p.fm);
-          store_rows(gfk, n, Dk, gk + t0 * Dk);
-          store_rows(gvv, n, Dv, gv + t0 * Dv);
+          dphi_mul(w.fk, gfk, n * Dk, p.fm);  // fm != identity: fk is its tile
+          finish_rows(gfk, n, Dk, gk + t0 * Dk);
+          finish_rows(gvv, n, Dv, gv + t0 * Dv);
         }
         std::memcpy(static_cast<A*>(p.gS0w) + bh * Dk * Dv, w.R, size_t(Dk * Dv) * sizeof(A));
         std::memcpy(static_cast<A*>(p.gz0w) + bh * Dk, w.Zr, size_t(Dk) * sizeof(A));
@@ -417,7 +478,9 @@ void full_forward(const LaArgs& p) {
   using A = acc_t<T>;
   const int64_t Dk = p.Dk, Dv = p.Dv, L = p.L, C = p.chunk;
   at::parallel_for(0, p.B * p.H, grain_heads(L), [&](int64_t t_begin, int64_t t_end) {
+    const BlasSequential sequential;
     Tiles<A> w(p.chunk, Dk, Dv);
+    const View<A>& c = w.c;
     for (int64_t bh = t_begin; bh < t_end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
       std::memset(w.S, 0, size_t(Dk * Dv) * sizeof(A));
@@ -425,25 +488,25 @@ void full_forward(const LaArgs& p) {
       for (int64_t t0 = 0; t0 < L; t0 += C) {
         const int64_t n = std::min(C, L - t0);
         load_chunk<T>(p, b, h, t0, n, w);
-        mm<A>(true, false, Dk, Dv, n, 1, rk_of(p, w), Dk, w.v, Dv, 1, w.S, Dv);
-        for (int64_t i = 0; i < n; ++i) axpy_n(A(1), w.fk + i * Dk, w.z, Dk);
+        mm<A>(true, false, Dk, Dv, n, 1, c.rk, c.lrk, c.v, c.lv, 1, w.S, Dv);
+        for (int64_t i = 0; i < n; ++i) axpy_n(A(1), c.fk + i * c.lfk, w.z, Dk);
       }
       T* out = static_cast<T*>(p.outw) + bh * L * Dv;
       A* den = p.normalize ? static_cast<A*>(p.denw) + bh * L : nullptr;
       for (int64_t t0 = 0; t0 < L; t0 += C) {
         const int64_t n = std::min(C, L - t0);
         load_chunk<T>(p, b, h, t0, n, w);
-        A* num = w.w1;
-        mm<A>(false, false, n, Dv, Dk, 1, rq_of(p, w), Dk, w.S, Dv, 0, num, Dv);
+        A* num = result_rows(out + t0 * Dv, w.w1);
+        mm<A>(false, false, n, Dv, Dk, 1, c.rq, c.lrq, w.S, Dv, 0, num, Dv);
         if (p.normalize) {
           for (int64_t i = 0; i < n; ++i) {
-            const A d = vdot(w.fq + i * Dk, w.z, Dk) + A(p.eps);
+            const A d = vdot(c.fq + i * c.lfq, w.z, Dk) + A(p.eps);
             den[t0 + i] = d;
             const A inv = d != A(0) ? A(1) / d : A(0);
             for (int64_t e = 0; e < Dv; ++e) num[i * Dv + e] *= inv;
           }
         }
-        store_rows(num, n, Dv, out + t0 * Dv);
+        finish_rows(num, n, Dv, out + t0 * Dv);
       }
     }
   });
@@ -456,7 +519,9 @@ void full_backward(const LaArgs& p) {
   using A = acc_t<T>;
   const int64_t Dk = p.Dk, Dv = p.Dv, L = p.L, C = p.chunk;
   at::parallel_for(0, p.B * p.H, grain_heads(L), [&](int64_t t_begin, int64_t t_end) {
+    const BlasSequential sequential;
     Tiles<A> w(p.chunk, Dk, Dv);
+    const View<A>& c = w.c;
     for (int64_t bh = t_begin; bh < t_end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
       const A* cosF = p.rope ? static_cast<const A*>(p.cosF) + (p.P == 1 ? 0 : b) * L * Dk : nullptr;
@@ -469,11 +534,11 @@ void full_backward(const LaArgs& p) {
         const int64_t n = std::min(C, L - t0);
         load_chunk<T>(p, b, h, t0, n, w);
         load_grad_chunk<T>(p, b, h, t0, n, w);
-        mm<A>(true, false, Dk, Dv, n, 1, rk_of(p, w), Dk, w.v, Dv, 1, w.S, Dv);
-        mm<A>(true, false, Dk, Dv, n, 1, rq_of(p, w), Dk, w.gn, Dv, 1, w.R, Dv);
+        mm<A>(true, false, Dk, Dv, n, 1, c.rk, c.lrk, c.v, c.lv, 1, w.S, Dv);
+        mm<A>(true, false, Dk, Dv, n, 1, c.rq, c.lrq, c.gn, c.lgn, 1, w.R, Dv);
         for (int64_t i = 0; i < n; ++i) {
-          axpy_n(A(1), w.fk + i * Dk, w.z, Dk);
-          if (p.normalize) axpy_n(w.gd[i], w.fq + i * Dk, w.Zr, Dk);
+          axpy_n(A(1), c.fk + i * c.lfk, w.z, Dk);
+          if (p.normalize) axpy_n(w.gd[i], c.fq + i * c.lfq, w.Zr, Dk);
         }
       }
       T* gq = static_cast<T*>(p.gqw) + bh * L * Dk;
@@ -484,27 +549,21 @@ void full_backward(const LaArgs& p) {
         const int64_t n = std::min(C, L - t0);
         load_chunk<T>(p, b, h, t0, n, w);
         load_grad_chunk<T>(p, b, h, t0, n, w);
-        A* grq = w.wk;
-        mm<A>(false, true, n, Dk, Dv, 1, w.gn, Dv, w.S, Dv, 0, grq, Dk);
-        A* gfq = grq;
-        if (p.rope) {
-          rope_rows(grq, w.rq, n, Dk, cosF + t0 * Dk, sinS + t0 * Dk, A(-1), p.interleaved);
-          gfq = w.rq;
-        }
+        A* gfq = result_rows(gq + t0 * Dk, w.rq);
+        A* grq = p.rope ? w.wk : gfq;
+        mm<A>(false, true, n, Dk, Dv, 1, c.gn, c.lgn, w.S, Dv, 0, grq, Dk);
+        if (p.rope) rope_rows(grq, Dk, gfq, n, Dk, cosF + t0 * Dk, sinS + t0 * Dk, A(-1), p.interleaved);
         if (p.normalize)
           for (int64_t i = 0; i < n; ++i) axpy_n(w.gd[i], w.z, gfq + i * Dk, Dk);
         dphi_mul(w.fq, gfq, n * Dk, p.fm);
-        store_rows(gfq, n, Dk, gq + t0 * Dk);
-        A* gvv = w.w1;
-        mm<A>(false, false, n, Dv, Dk, 1, rk_of(p, w), Dk, w.R, Dv, 0, gvv, Dv);
-        store_rows(gvv, n, Dv, gv + t0 * Dv);
-        A* grk = w.wk;
-        mm<A>(false, true, n, Dk, Dv, 1, w.v, Dv, w.R, Dv, 0, grk, Dk);
-        A* gfk = grk;
-        if (p.rope) {
-          rope_rows(grk, w.rk, n, Dk, cosF + t0 * Dk, sinS + t0 * Dk, A(-1), p.interleaved);
-          gfk = w.rk;
-        }
+        finish_rows(gfq, n, Dk, gq + t0 * Dk);
+        A* gvv = result_rows(gv + t0 * Dv, w.w1);
+        mm<A>(false, false, n, Dv, Dk, 1, c.rk, c.lrk, w.R, Dv, 0, gvv, Dv);
+        finish_rows(gvv, n, Dv, gv + t0 * Dv);
+        A* gfk = result_rows(gk + t0 * Dk, w.rk);
+        A* grk = p.rope ? w.wk : gfk;
+        mm<A>(false, true, n, Dk, Dv, 1, c.v, c.lv, w.R, Dv, 0, grk, Dk);
+        if (p.rope) rope_rows(grk, Dk, gfk, n, Dk, cosF + t0 * Dk, sinS + t0 * Dk, A(-1), p.interleaved);
         for (int64_t i = 0; i < n; ++i) {
           A* g = gfk + i * Dk;
           if (mrow != nullptr && !mrow[t0 + i])
@@ -513,7 +572,7 @@ void full_backward(const LaArgs& p) {
             axpy_n(A(1), w.Zr, g, Dk);
         }
         dphi_mul(w.fk, gfk, n * Dk, p.fm);
-        store_rows(gfk, n, Dk, gk + t0 * Dk);
+        finish_rows(gfk, n, Dk, gk + t0 * Dk);
       }
     }
   });

@@ -366,6 +366,7 @@ void attn_forward(const AttnArgs& a) {
   T* out = static_cast<T*>(a.out);
   A* lse = static_cast<A*>(a.lse);
   at::parallel_for(0, a.B * a.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
+    const BlasSequential sequential;  // common/blas.h
     HeadPack<T, A> hp;
     std::vector<A> qs(qbs * a.D), s(qbs * kbs), o(qbs * a.Dv), mx(qbs), sm(qbs);
     for (int64_t t = t0; t < t1; ++t) {
@@ -460,6 +461,7 @@ void attn_backward(const AttnArgs& a) {
   const A* ktab = static_cast<const A*>(a.ktab);
   const A scale = static_cast<A>(a.scale);
   at::parallel_for(0, a.B * a.Hk, 1, [&](int64_t t0, int64_t t1) {
+    const BlasSequential sequential;  // common/blas.h
     HeadPack<T, A> hp;
     std::vector<A> dka(a.Lk * a.D), dva(a.Lk * a.Dv);
     std::vector<A> qs(qbs * a.D), dob(qbs * a.Dv), orow(a.Dv), di(qbs), lr(qbs), dqa(qbs * a.D);

@@ -186,6 +186,36 @@ def test_strided_inputs(device):
                                kx.causal_linear_attention(q, k, vs.contiguous()), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kw", [dict(feature_map="identity", normalize=False),
+                                dict(feature_map="identity", normalize=False, rope=True),
+                                dict(feature_map="elu+1", normalize=True),
+                                dict(feature_map="relu", normalize=True, rope=True)],
+                         ids=["identity", "identity-rope", "elu+1", "relu-rope"])
+def test_strided_float32_against_float64(kw, causal):
+    """float32 inputs are read in place (no tile copy) when their last dim is unit-stride, with any
+    row stride: (B, L, H, D) views, a key mask, forward and backward against float64. Tolerance:
+    2e-4 abs (float32 sums over 75 positions)."""
+    B, L, H, D = 2, 75, 3, 16
+    g = torch.Generator().manual_seed(11)
+    base = [0.5 * torch.randn(B, L, H, D, generator=g) for _ in range(3)]
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 60:] = False
+    mask[0, 5] = False
+    grad = torch.randn(B, H, L, D, generator=g)
+    fn = kx.causal_linear_attention if causal else kx.linear_attention
+    rf = ref.causal_linear_attention_recurrent if causal else ref.linear_attention
+    leaves32 = [t.clone().requires_grad_() for t in base]
+    leaves64 = [t.double().requires_grad_() for t in base]
+    out = fn(*(t.transpose(1, 2) for t in leaves32), key_padding_mask=mask, **kw)
+    exp = rf(*(t.transpose(1, 2) for t in leaves64), key_padding_mask=mask, **kw)
+    out.backward(grad)
+    exp.backward(grad.double())
+    torch.testing.assert_close(out.double(), exp, atol=2e-4, rtol=1e-4)
+    for a, b in zip(leaves32, leaves64):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=2e-4, rtol=1e-4)
+
+
 # ---- state: prefill + decode == one call -------------------------------------------------------
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[4], CONFIGS[5], CONFIGS[2]],
