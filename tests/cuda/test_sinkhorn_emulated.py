@@ -57,8 +57,9 @@ def padded_batch(shapes, M, N, scale=1.0, seed=0):
     return cost, a, b
 
 
-def check_fwd_against_reference(out, ref, n_iter_slack=3, what=""):
-    value, dual, f, g, n_iter, err, plan = out
+def check_fwd_against_reference(out, ref, n_iter_slack=3, what="", eps=EPS):
+    value, dual, f, g, n_iter, err, plan, eps_reached = out
+    assert eps_reached.dtype == torch.float64 and bool((eps_reached == eps).all()), f"{what}eps_reached {eps_reached}"
     rv, rd, rf, rg, rn, re, rp = ref
     close(value, rv, 2e-6, 1e-4, what + "value")
     close(dual, rd, 2e-6, 1e-4, what + "dual")
@@ -98,7 +99,7 @@ def test_sinkhorn_fwd_small_eps_large_range(emu):
     cost, a, b = padded_batch([(10, 8), (7, 11)], 12, 12, scale=50.0, seed=3)
     out = emu.sinkhorn_fwd(cost, a, b, 0.01, 5000, TOL, True)
     ref = ref_fwd(cost, a, b, eps=0.01, max_iter=5000)
-    value, dual, f, g, n_iter, err, plan = out
+    value, dual, f, g, n_iter, err, plan, eps_reached = out
     close(value, ref[0], 1e-4, 1e-5, "value")
     close(dual, ref[1], 1e-4, 1e-5, "dual")
     close(f, ref[2], 1e-3, 1e-5, "f")
@@ -115,7 +116,7 @@ def test_sinkhorn_fwd_cost_offset(emu, offset):
     cost, a, b = padded_batch([(9, 7), (5, 12)], 12, 12, seed=9)
     out = emu.sinkhorn_fwd(cost + offset, a, b, EPS, MAX_ITER, TOL, True)
     ref = ref_fwd(cost + offset, a, b)
-    value, dual, f, g, n_iter, err, plan = out
+    value, dual, f, g, n_iter, err, plan, eps_reached = out
     close(value, ref[0], 1e-4, 1e-6, "value")
     close(dual, ref[1], 1e-4, 1e-6, "dual")
     close(f, ref[2], 2e-4, 1e-6, "f")
@@ -135,7 +136,7 @@ def test_sinkhorn_fwd_special_problems(emu):
     cost[3, 5, 0] = float("nan")  # row 5 is padding (a[3, 5] = 0)
     assert float(a[3, 5]) == 0
     out = emu.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
-    value, dual, f, g, n_iter, err, plan = out
+    value, dual, f, g, n_iter, err, plan, eps_reached = out
     for p, e in ((0, 0.0), (1, 1.0)):
         assert float(value[p]) == 0 and float(dual[p]) == 0 and int(n_iter[p]) == 0 and float(err[p]) == e
     assert bool(value[2].isnan()) and bool(dual[2].isnan()) and bool(err[2].isnan()) and int(n_iter[2]) == 0
@@ -148,7 +149,7 @@ def test_sinkhorn_fwd_special_problems(emu):
             torch.ops.kxkernels.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True, False)
         keep = torch.tensor([0, 1, 3, 4])
         cpu = torch.ops.kxkernels.sinkhorn_fwd(cost[keep], a[keep], b[keep], EPS, MAX_ITER, TOL, True, False)
-        for name, x, y in zip("value dual f g n_iter err plan".split(), out, cpu):
+        for name, x, y in zip("value dual f g n_iter err plan eps_reached".split(), out, cpu):
             if name == "n_iter":
                 assert int((x[keep] - y).abs().max()) <= 3, (x, y)
             else:
@@ -180,7 +181,7 @@ def test_sinkhorn_fwd_half_inputs(emu, dtype):
     out = emu.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
     assert out[6].dtype == dtype and out[0].dtype == torch.float32
     ref = ref_fwd(cost, a, b)  # float64 math on the rounded inputs
-    value, dual, f, g, n_iter, err, plan = out
+    value, dual, f, g, n_iter, err, plan, eps_reached = out
     close(value, ref[0], 2e-6, 1e-4, "value")
     close(f, ref[2], 5e-5, 1e-4, "f")
     tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
@@ -267,7 +268,7 @@ def test_wrd_fwd(emu, threads):
     xm[1, 10:] = False
     out = with_threads(emu, threads).wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL)
     ref = ref_wrd(x, y, xm, ym)
-    value, dual, f, g, n_iter, err = out
+    value, dual, f, g, n_iter, err, eps_reached = out
     close(value, ref[0], 2e-6, 1e-4, "value")
     close(dual, ref[1], 2e-6, 1e-4, "dual")
     close(f, ref[2], 5e-5, 1e-4, "f")
@@ -290,7 +291,7 @@ def test_wrd_fwd_special_problems(emu):
     x[2, 0, 5] = float("nan")
     xm[3, 4] = False
     x[3, 4, 0] = float("nan")
-    value, dual, f, g, n_iter, err = emu.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL)
+    value, dual, f, g, n_iter, err, eps_reached = emu.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL)
     assert float(value[0]) == 0 and float(err[0]) == 1 and int(n_iter[0]) == 0
     assert float(value[1]) == 0 and float(err[1]) == 0 and float(dual[1]) == 0
     assert bool(value[2].isnan()) and bool(err[2].isnan()) and int(n_iter[2]) == 0
@@ -454,7 +455,7 @@ def test_wrd_past_shared_memory(emu, limit, tier):
     xm[1, 12:] = False
     ym[1, 9:] = False
     lim = _emu.SinkhornEmu(emu.exe, smem_limit=limit)
-    value, dual, f, g, n_iter, err = lim.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL)
+    value, dual, f, g, n_iter, err, eps_reached = lim.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL)
     groups = sorted(lim.groups)
     assert groups[-1][:2] == (256, tier) and len(groups) == 2, groups
     ref = ref_wrd(x, y, xm, ym)
