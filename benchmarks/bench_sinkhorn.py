@@ -86,9 +86,7 @@ def _wrd_case(label: str, x, y, xm, ym, device: str, with_slow_peers: bool, note
     peers, emd2 = (_pot_peers(pairs, x[:k], y[:k], xm[:k], ym[:k], with_slow_peers) if device == "cpu"
                    else ({}, None))
     xd, yd, xmd, ymd = (t.to(device) for t in (x, y, xm, ym))
-    # The CUDA kernels run one eps per batch (relative_eps is CPU-only for now): there both sides
-    # run eps in cost units.
-    rel = torch.device(device).type == "cpu"
+    rel = True  # each pair's eps relative to its cost spread (kxkernels.wrd's default), on CPU and CUDA
 
     def kx():
         return kxkernels.wrd(xd, yd, x_mask=xmd, y_mask=ymd, eps=EPS, max_iter=MAX_ITER, tol=TOL, relative_eps=rel)

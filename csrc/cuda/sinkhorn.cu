@@ -4,7 +4,10 @@
 // this file needs a CUDA build of torch, so it is compiled only by a CUDA build.
 //
 // Differences from the CPU ops: float64 inputs are refused (float64 is CPU-only, for gradcheck);
-// the `newton` flag is ignored (plain log-domain Sinkhorn with the reference's schedule).
+// the `newton` flag is ignored (plain log-domain Sinkhorn with the reference's schedule). eps is
+// per problem as on the CPU: relative_eps scales it by each problem's cost spread inside the
+// kernels, the forward returns eps_reached (B,) from them, and the backward takes that eps (B,),
+// checked on the host (common/sinkhorn_checks.h) and copied to the device.
 //
 // Launch policy (sk::plan_batch): each problem's real lengths are counted on the device (one
 // small copy to the host), problems are grouped by the block size and memory tier those lengths
@@ -139,21 +142,9 @@ sk::Tokens<T> tokens_of(const at::Tensor& x, const std::optional<at::Tensor>& ma
   return t;
 }
 
-// The CUDA kernels run one eps for the whole batch: relative_eps (an eps per problem) is CPU-only
-// for now, and so is telling a stop before the eps schedule ends (eps_reached reports eps).
-void check_cuda_eps_mode(bool relative_eps) {
-  KX_CHECK(!relative_eps, "relative_eps=True is not implemented by the CUDA kernels yet (they run one eps per "
-           "batch): pass relative_eps=False on CUDA tensors, or run on the CPU");
-}
-
-// One eps for the batch from the backward's per-problem eps (B,).
-double uniform_eps(const at::Tensor& eps, int64_t B) {
-  const at::Tensor e = problem_eps(eps, B);
-  const double* ep = e.data_ptr<double>();
-  for (int64_t p = 1; p < B; ++p)
-    KX_CHECK(ep[p] == ep[0], "eps must be the same for every problem on CUDA (the CUDA kernels run one eps per "
-             "batch), got ", ep[0], " and ", ep[p]);
-  return B > 0 ? ep[0] : 1.0;
+// The backward's per-problem eps (B,), checked (shared checks), as contiguous float64 on `like`'s device.
+at::Tensor device_eps(const at::Tensor& eps, int64_t B, const at::Tensor& like) {
+  return problem_eps(eps, B).to(like.device());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -161,7 +152,6 @@ sinkhorn_fwd_cuda(const at::Tensor& cost, const at::Tensor& a, const at::Tensor&
                   double tol, bool return_plan, bool /*newton: CPU only*/, bool relative_eps) {
   check_problem(cost, a, b);
   check_settings(eps, max_iter, tol);
-  check_cuda_eps_mode(relative_eps);
   const c10::cuda::CUDAGuard guard(cost.device());
   const int64_t B = cost.size(0), M = cost.size(1), N = cost.size(2);
   check_index_range("sinkhorn", M, N);
@@ -170,6 +160,7 @@ sinkhorn_fwd_cuda(const at::Tensor& cost, const at::Tensor& a, const at::Tensor&
   at::Tensor f = new_output({B, M}, f32), g = new_output({B, N}, f32);
   at::Tensor n_iter = new_output({B}, cost.options().dtype(at::kLong));
   at::Tensor plan = return_plan ? new_output({B, M, N}, cost.options()) : at::empty({0}, cost.options());
+  at::Tensor eps_out = new_output({B}, cost.options().dtype(at::kDouble));
   const std::vector<int64_t> m = host_counts((a > 0).sum(1)), n = host_counts((b > 0).sum(1));
   dispatch(cost.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -177,12 +168,13 @@ sinkhorn_fwd_cuda(const at::Tensor& cost, const at::Tensor& a, const at::Tensor&
                   [&](const sk::Layout& L, const int* index, float* ws) {
                     return sk::SinkhornFwdArgs<T>{
                         cptr<T>(cost), cptr<T>(a), cptr<T>(b), M, N, cost.stride(0), cost.stride(1),
-                        cost.stride(2), a.stride(0), a.stride(1), b.stride(0), b.stride(1), eps, tol, max_iter, L,
-                        index, ws, mptr<float>(value), mptr<float>(dual), mptr<float>(f), mptr<float>(g),
-                        mptr<float>(err), mptr<int64_t>(n_iter), return_plan ? mptr<T>(plan) : nullptr};
+                        cost.stride(2), a.stride(0), a.stride(1), b.stride(0), b.stride(1), eps, tol, max_iter,
+                        relative_eps, L, index, ws, mptr<float>(value), mptr<float>(dual), mptr<float>(f),
+                        mptr<float>(g), mptr<float>(err), mptr<int64_t>(n_iter), mptr<double>(eps_out),
+                        return_plan ? mptr<T>(plan) : nullptr};
                   });
   });
-  return {value, dual, f, g, n_iter, err, plan, at::full({B}, eps, cost.options().dtype(at::kDouble))};
+  return {value, dual, f, g, n_iter, err, plan, eps_out};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cuda(const at::Tensor& grad, const at::Tensor& cost,
@@ -191,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cuda(const at::Tenso
                                                                  const at::Tensor& eps_b) {
   check_problem(cost, a, b);
   const int64_t B = cost.size(0), M = cost.size(1), N = cost.size(2);
-  const double eps = uniform_eps(eps_b, B);
+  const at::Tensor eps = device_eps(eps_b, B, cost);
   check_potentials(grad, f, g, cost, B, M, N);
   const c10::cuda::CUDAGuard guard(cost.device());
   // masses and potentials in shared memory when they fit, else in a workspace slice per block
@@ -212,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cuda(const at::Tenso
     for (int64_t s0 = 0; s0 < B; s0 += per) {
       sk::SinkhornBwdArgs<T> P{cptr<float>(gr), cptr<float>(fc), cptr<float>(gcn), cptr<T>(cost), cptr<T>(a),
                                cptr<T>(b), M, N, cost.stride(0), cost.stride(1), cost.stride(2), a.stride(0),
-                               a.stride(1), b.stride(0), b.stride(1), eps, mptr<T>(gc), mptr<T>(ga), mptr<T>(gb),
+                               a.stride(1), b.stride(0), b.stride(1), cptr<double>(eps), mptr<T>(gc), mptr<T>(ga),
+                               mptr<T>(gb),
                                s0, global ? mptr<float>(ws) : nullptr, ws_floats};
       launch(sk::sinkhorn_bwd_kernel<T>, P, std::min(per, B - s0), sk::kBwdThreads, smem);
     }
@@ -226,7 +219,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool relative_eps) {
   check_cuda_tokens(x, y, x_mask, y_mask);
   check_settings(eps, max_iter, tol);
-  check_cuda_eps_mode(relative_eps);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), M = x.size(1), N = y.size(1);
   check_index_range("wrd", M, N);
@@ -234,17 +226,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor value = new_output({B}, f32), dual = new_output({B}, f32), err = new_output({B}, f32);
   at::Tensor f = new_output({B, M}, f32), g = new_output({B, N}, f32);
   at::Tensor n_iter = new_output({B}, x.options().dtype(at::kLong));
+  at::Tensor eps_out = new_output({B}, x.options().dtype(at::kDouble));
   const std::vector<int64_t> m = token_counts(x_mask, B, M), n = token_counts(y_mask, B, N);
   dispatch(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     launch_groups("wrd", m, n, M, N, true, x.options(), sk::wrd_fwd_kernel<T>,
                   [&](const sk::Layout& L, const int* index, float* ws) {
                     return sk::WrdFwdArgs<T>{tokens_of<T>(x, x_mask), tokens_of<T>(y, y_mask), eps, tol, max_iter,
-                                             L, index, ws, mptr<float>(value), mptr<float>(dual), mptr<float>(f),
-                                             mptr<float>(g), mptr<float>(err), mptr<int64_t>(n_iter)};
+                                             relative_eps, L, index, ws, mptr<float>(value), mptr<float>(dual),
+                                             mptr<float>(f), mptr<float>(g), mptr<float>(err),
+                                             mptr<int64_t>(n_iter), mptr<double>(eps_out)};
                   });
   });
-  return {value, dual, f, g, n_iter, err, at::full({B}, eps, x.options().dtype(at::kDouble))};
+  return {value, dual, f, g, n_iter, err, eps_out};
 }
 
 std::tuple<at::Tensor, at::Tensor> wrd_bwd_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
@@ -253,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> wrd_bwd_cuda(const at::Tensor& grad, const at
                                                 const at::Tensor& g, const at::Tensor& eps_b) {
   check_cuda_tokens(x, y, x_mask, y_mask);
   const int64_t B = x.size(0), M = x.size(1), N = y.size(1), D = x.size(2);
-  const double eps = uniform_eps(eps_b, B);
+  const at::Tensor eps = device_eps(eps_b, B, x);
   check_potentials(grad, f, g, x, B, M, N);
   const c10::cuda::CUDAGuard guard(x.device());
   check_index_range("wrd backward", M, N);
@@ -266,7 +260,8 @@ std::tuple<at::Tensor, at::Tensor> wrd_bwd_cuda(const at::Tensor& grad, const at
     launch_groups("wrd backward", m, n, M, N, true, x.options(), sk::wrd_bwd_kernel<T>,
                   [&](const sk::Layout& L, const int* index, float* ws) {
                     return sk::WrdBwdArgs<T>{tokens_of<T>(x, x_mask), tokens_of<T>(y, y_mask), cptr<float>(gr),
-                                             cptr<float>(fc), cptr<float>(gc), eps, L, index, ws, mptr<T>(gx),
+                                             cptr<float>(fc), cptr<float>(gc), cptr<double>(eps), L, index, ws,
+                                             mptr<T>(gx),
                                              mptr<T>(gy)};
                   });
   });

@@ -12,7 +12,11 @@
 // Design: one thread block per problem. The problem's padding (zero-mass rows/columns, masked or
 // zero-norm tokens) is dropped first (block-wide compaction), so a block solves a dense m x n
 // problem: the cost C and the scaled kernel K (float each, row stride ldk), potentials and masses.
-// Each block stops on its own when its error is below tol.
+// Each block stops on its own when its error is below tol, and runs at its own eps, as the CPU
+// kernel: with `relative` the requested eps times its cost spread max C - min C over the real
+// entries (a block reduction of the compacted cost; eps itself where that is 0), and it writes
+// eps_reached, the eps its potentials belong to (the stage eps when max_iter stops the schedule
+// early). The backward kernels read that per-problem eps.
 //
 // Any size (plan_batch, the glue's policy): a problem whose C and K fit in one block's shared
 // memory keeps them there; a larger one keeps them in a global-memory workspace slice of its
@@ -269,11 +273,13 @@ struct SinkhornFwdArgs {
   int64_t M, N, cs0, cs1, cs2, as0, as1, bs0, bs1;
   double eps, tol;
   int64_t max_iter;
+  bool relative;     // each problem at eps * (max C - min C) over its real entries (eps where that is 0)
   Layout L;
   const int* index;  // problem of each block (null: blockIdx.x)
   float* ws;         // workspace, L.ws_floats per block (null for kShared)
   float *value, *dual, *f, *g, *err;
   int64_t* n_iter;
+  double* eps_out;   // (B,): the eps each problem's results belong to (eps_reached)
   T* plan;  // null: not requested
 };
 
@@ -282,7 +288,7 @@ struct SinkhornBwdArgs {
   const float *grad, *f, *g;  // (B,), (B, M), (B, N) contiguous
   const T *cost, *a, *b;
   int64_t M, N, cs0, cs1, cs2, as0, as1, bs0, bs1;
-  double eps;
+  const double* eps;  // (B,) per problem (the forward's eps_reached), on the device
   T *grad_cost, *grad_a, *grad_b;  // (B, M, N), (B, M), (B, N) contiguous
   int64_t first;      // problem of block 0
   float* ws;          // null: vectors in shared memory; else ws_floats per block
@@ -302,18 +308,20 @@ struct WrdFwdArgs {
   Tokens<T> X, Y;
   double eps, tol;
   int64_t max_iter;
+  bool relative;  // as in SinkhornFwdArgs
   Layout L;
   const int* index;
   float* ws;
   float *value, *dual, *f, *g, *err;
   int64_t* n_iter;
+  double* eps_out;  // (B,) eps_reached
 };
 
 template <typename T>
 struct WrdBwdArgs {
   Tokens<T> X, Y;
   const float *grad, *f, *g;  // contiguous
-  double eps;
+  const double* eps;          // (B,) per problem, on the device
   Layout L;
   const int* index;
   float* ws;
@@ -560,7 +568,8 @@ struct Solved {
 };
 
 // The reference's schedule on the problem set up in shared memory (C, a, b, la, lb), starting at
-// eps0 = max(max C - min C, eps). Leaves F, G, u, v, K.
+// eps0 = max(max C - min C, eps), down to the target eps (the problem's own: relative_eps scales
+// it by the spread). Leaves F, G, u, v, K; Solved::eps is the eps they are at.
 __device__ Solved solve(const Smem& s, Block& blk, const Dims& d, double eps0, double eps, int64_t max_iter,
                         double tol) {
   for (int k = threadIdx.x; k < d.m; k += blockDim.x) { s.F[k] = 0.0; s.u[k] = 0.0f; }
@@ -581,6 +590,9 @@ __device__ Solved solve(const Smem& s, Block& blk, const Dims& d, double eps0, d
       // error of the plan returned
       col_update(s, blk, d, 1.0f, 0.0f);
       err = row_sums(s, blk, d);
+      // stopped before the schedule reached eps: the results belong to e (reported with them);
+      // err is at least tol, so err < tol always means converged at the requested eps (the CPU's rule)
+      if (!final && double(err) < tol) err = float(tol);
       break;
     }
     ++it;
@@ -615,20 +627,23 @@ __device__ Solved solve(const Smem& s, Block& blk, const Dims& d, double eps0, d
 struct Out {
   float *value, *dual, *err, *f, *g;  // f, g: this problem's rows (length M, N)
   int64_t* n_iter;
+  double* eps_out;  // this problem's eps_reached
 };
 
 // No mass on a side: all padding gives zeros; mass on one side only has no plan (nothing can
-// move): value 0, err 1. Potentials (and plan) are zero already.
-__device__ void no_mass(const Out& o, bool both) {
+// move): value 0, err 1, eps_reached the requested eps. Potentials (and plan) are zero already.
+__device__ void no_mass(const Out& o, bool both, double eps) {
   if (threadIdx.x == 0) {
     *o.value = 0.0f; *o.dual = 0.0f; *o.n_iter = 0;
     *o.err = both ? 0.0f : 1.0f;
+    *o.eps_out = eps;
   }
 }
-// A non-finite input gives NaN value, dual and err (potentials and plan stay zero).
+// A non-finite input gives NaN value, dual, err and eps_reached (potentials and plan stay zero).
 __device__ void not_finite(const Out& o) {
   if (threadIdx.x == 0) {
     *o.value = nan_f(); *o.dual = nan_f(); *o.n_iter = 0; *o.err = nan_f();
+    *o.eps_out = double(nan_f());
   }
 }
 
@@ -663,18 +678,22 @@ __device__ void cost_range(const Smem& s, Block& blk, const Dims& d, float* cmin
   *cmax = float(blk.max(double(hi)));
 }
 
-// Solve at eps0 from the cost range, then the outputs: potentials f = F + eps u, g = G + eps v
-// shifted so that <f, a> = <g, b>, value <T, C>, dual <f, a> + <g, b>, n_iter, err, and the plan
-// (scattered to the original positions) when `plan` is given.
+// The problem's target eps from the cost range (relative: eps times the spread max C - min C over
+// the real entries, eps itself where that is 0), solve from eps0 = max(spread, target), then the
+// outputs: potentials f = F + eps u, g = G + eps v shifted so that <f, a> = <g, b>, value <T, C>,
+// dual <f, a> + <g, b>, n_iter, err, eps_reached (the eps they belong to: the target, or the stage
+// max_iter stopped at), and the plan (scattered to the original positions) when `plan` is given.
 template <typename P>
-__device__ void solve_and_finish(const Smem& s, Block& blk, const Dims& d, double eps, int64_t max_iter,
-                                 double tol, const Out& o, P* plan, int64_t N) {
+__device__ void solve_and_finish(const Smem& s, Block& blk, const Dims& d, double eps, bool relative,
+                                 int64_t max_iter, double tol, const Out& o, P* plan, int64_t N) {
   float cmin, cmax;
   bool finite;
   cost_range(s, blk, d, &cmin, &cmax, &finite);
   if (!finite) return not_finite(o);
-  const double eps0 = fmax(double(cmax) - double(cmin), eps);
-  const Solved r = solve(s, blk, d, eps0, eps, max_iter, tol);
+  const double spread = double(cmax) - double(cmin);
+  const double target = relative && cmax > cmin ? eps * spread : eps;
+  const double eps0 = fmax(spread, target);
+  const Solved r = solve(s, blk, d, eps0, target, max_iter, tol);
   double fa = 0.0, gb = 0.0;
   for (int k = threadIdx.x; k < d.m; k += blockDim.x) fa += double(s.a[k]) * (s.F[k] + r.eps * double(s.u[k]));
   for (int l = threadIdx.x; l < d.n; l += blockDim.x) gb += double(s.b[l]) * (s.G[l] + r.eps * double(s.v[l]));
@@ -696,6 +715,7 @@ __device__ void solve_and_finish(const Smem& s, Block& blk, const Dims& d, doubl
     *o.dual = float(fa + gb);
     *o.n_iter = r.n_iter;
     *o.err = r.err;
+    *o.eps_out = r.eps;
   }
 }
 
@@ -713,7 +733,7 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks) sinkhorn_fwd_kerne
   const int64_t p = setup_block(P.index, P.ws, P.M, P.N, P.L, &s);
   Block blk(s);
   const int M = int(P.M), N = int(P.N);
-  const Out o{P.value + p, P.dual + p, P.err + p, P.f + p * P.M, P.g + p * P.N, P.n_iter + p};
+  const Out o{P.value + p, P.dual + p, P.err + p, P.f + p * P.M, P.g + p * P.N, P.n_iter + p, P.eps_out + p};
   for (int i = threadIdx.x; i < M; i += blockDim.x) o.f[i] = 0.0f;
   for (int j = threadIdx.x; j < N; j += blockDim.x) o.g[j] = 0.0f;
   T* plan = P.plan != nullptr ? P.plan + p * P.M * P.N : nullptr;
@@ -730,7 +750,7 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks) sinkhorn_fwd_kerne
       N, [&](int j) { return to_float(bp[j * P.bs1]) > 0.0f; },
       [&](int pos, int j) { if (pos < nc) { s.cj[pos] = j; s.b[pos] = to_float(bp[j * P.bs1]); } });
   if (m > mc || n > nc) return not_finite(o);  // more real rows than the glue counted: never silent
-  if (m == 0 || n == 0) return no_mass(o, m == 0 && n == 0);
+  if (m == 0 || n == 0) return no_mass(o, m == 0 && n == 0, P.eps);
   normalize(s.a, s.la, m, blk);
   normalize(s.b, s.lb, n, blk);
 
@@ -741,7 +761,7 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks) sinkhorn_fwd_kerne
     s.C[k * d.ldk + l] = to_float(cp[s.ri[k] * P.cs1 + s.cj[l] * P.cs2]);
   }
   __syncthreads();
-  solve_and_finish(s, blk, d, P.eps, P.max_iter, P.tol, o, plan, P.N);
+  solve_and_finish(s, blk, d, P.eps, P.relative, P.max_iter, P.tol, o, plan, P.N);
 }
 
 // ---- sinkhorn_bwd: envelope gradient of grad * value ----------------------------------------------
@@ -794,8 +814,8 @@ __global__ void __launch_bounds__(kBwdThreads) sinkhorn_bwd_kernel(const Sinkhor
     P.grad_b[p * N + j] = from_float<T>(on ? float(double(gv) * (gj - gb) / sb) : 0.0f);
   }
   __syncthreads();
-  // the exponent in double: f + g - C cancels to O(eps) from O(1) terms
-  const double inv = 1.0 / P.eps;
+  // the exponent in double: f + g - C cancels to O(eps) from O(1) terms; this problem's eps
+  const double inv = 1.0 / P.eps[p];
   const T* cp = P.cost + p * P.cs0;
   T* out = P.grad_cost + p * M * N;
   for (int64_t e = threadIdx.x; e < M * N; e += blockDim.x) {
@@ -912,17 +932,17 @@ __global__ void __launch_bounds__(kMaxThreads, kWrdFwdMinBlocks) wrd_fwd_kernel(
   const int64_t M = P.X.L, N = P.Y.L;
   const int64_t p = setup_block(P.index, P.ws, M, N, P.L, &s);
   Block blk(s);
-  const Out o{P.value + p, P.dual + p, P.err + p, P.f + p * M, P.g + p * N, P.n_iter + p};
+  const Out o{P.value + p, P.dual + p, P.err + p, P.f + p * M, P.g + p * N, P.n_iter + p, P.eps_out + p};
   for (int i = threadIdx.x; i < M; i += blockDim.x) o.f[i] = 0.0f;
   for (int j = threadIdx.x; j < N; j += blockDim.x) o.g[j] = 0.0f;
   int m, n;
   if (!gather_tokens(s, blk, P.X, P.Y, p, int(P.L.mc), int(P.L.nc), &m, &n)) return not_finite(o);
-  if (m == 0 || n == 0) return no_mass(o, m == 0 && n == 0);
+  if (m == 0 || n == 0) return no_mass(o, m == 0 && n == 0, P.eps);
   normalize(s.a, s.la, m, blk);
   normalize(s.b, s.lb, n, blk);
   const Dims d = make_dims(m, n, lanes_per_row(m, n), P.L.mat);
   cosine_cost(s, d, P.X, P.Y, p);
-  solve_and_finish(s, blk, d, P.eps, P.max_iter, P.tol, o, static_cast<float*>(nullptr), N);
+  solve_and_finish(s, blk, d, P.eps, P.relative, P.max_iter, P.tol, o, static_cast<float*>(nullptr), N);
 }
 
 // ---- wrd_bwd: envelope gradient through cost = 1 - cos and masses = norms / sum --------------------
@@ -1000,8 +1020,8 @@ __global__ void __launch_bounds__(kMaxThreads, kWrdBwdMinBlocks) wrd_bwd_kernel(
   for (int l = threadIdx.x; l < n; l += blockDim.x) gb += double(s.b[l]) * double(gp[s.cj[l]]);
   fa = blk.sum(fa);
   gb = blk.sum(gb);
-  // T into the K region (the exponent in double: f + g - C cancels to O(eps))
-  const double inv = 1.0 / P.eps;
+  // T into the K region (the exponent in double: f + g - C cancels to O(eps)), at this pair's eps
+  const double inv = 1.0 / P.eps[p];
   float* Tm = s.K;
   for (int e = threadIdx.x; e < m * n; e += blockDim.x) {
     const int k = e / n, l = e - k * n;

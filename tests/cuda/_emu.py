@@ -2,8 +2,10 @@
 against the CUDA emulator (tests/cuda/emu/cuda_emu.h) and call it with the ops' arguments.
 
 ``SinkhornEmu(binary)`` mirrors the four ``torch.ops.kxkernels`` Sinkhorn/WRD ops: same arguments,
-same outputs (CPU tensors), launched with the glue's policy (csrc/cuda/sinkhorn.cu); float64 is not
-accepted, as on CUDA. Inputs keep their strides (the harness gets the storage and the strides).
+same outputs (CPU tensors; the forwards end with ``eps_reached`` (B,) float64), launched with the
+glue's policy (csrc/cuda/sinkhorn.cu); float64 is not accepted, as on CUDA. Inputs keep their
+strides (the harness gets the storage and the strides). The backwards take eps per problem (a
+(B,) tensor, as the ops) or, for brevity, one float for every problem.
 """
 from __future__ import annotations
 
@@ -95,26 +97,35 @@ class SinkhornEmu:
     def _strides(prefix, t):
         return {f"{prefix}{i}": s for i, s in enumerate(t.stride())}
 
-    def sinkhorn_fwd(self, cost, a, b, eps, max_iter, tol, return_plan, newton=False):
+    @staticmethod
+    def _problem_eps(eps, B):
+        """The backward's per-problem eps as float64 (B,): a tensor as given, a float for all."""
+        if isinstance(eps, torch.Tensor):
+            return eps.to(torch.float64).contiguous()
+        return torch.full((B,), float(eps), dtype=torch.float64)
+
+    def sinkhorn_fwd(self, cost, a, b, eps, max_iter, tol, return_plan, newton=False, relative_eps=False):
         B, M, N = cost.shape
         meta = dict(B=B, M=M, N=N, eps=eps, tol=tol, max_iter=max_iter, return_plan=int(return_plan),
+                    relative=int(relative_eps),
                     **self._strides("cs", cost), **self._strides("as", a), **self._strides("bs", b))
         d = self._run("sinkhorn_fwd", cost.dtype, dict(cost=cost, a=a, b=b), meta)
         try:
             out = (_read(d, "value", torch.float32, (B,)), _read(d, "dual", torch.float32, (B,)),
                    _read(d, "f", torch.float32, (B, M)), _read(d, "g", torch.float32, (B, N)),
                    _read(d, "n_iter", torch.int64, (B,)), _read(d, "err", torch.float32, (B,)),
-                   _read(d, "plan", cost.dtype, (B, M, N)) if return_plan else torch.empty(0, dtype=cost.dtype))
+                   _read(d, "plan", cost.dtype, (B, M, N)) if return_plan else torch.empty(0, dtype=cost.dtype),
+                   _read(d, "eps_reached", torch.float64, (B,)))
         finally:
             shutil.rmtree(d, ignore_errors=True)
         return out
 
     def sinkhorn_bwd(self, grad, cost, a, b, f, g, eps):
         B, M, N = cost.shape
-        meta = dict(B=B, M=M, N=N, eps=eps, **self._strides("cs", cost), **self._strides("as", a),
+        meta = dict(B=B, M=M, N=N, **self._strides("cs", cost), **self._strides("as", a),
                     **self._strides("bs", b))
         tensors = dict(cost=cost, a=a, b=b, grad=grad.float().contiguous(), f=f.float().contiguous(),
-                       g=g.float().contiguous())
+                       g=g.float().contiguous(), eps=self._problem_eps(eps, B))
         d = self._run("sinkhorn_bwd", cost.dtype, tensors, meta)
         try:
             return (_read(d, "grad_cost", cost.dtype, (B, M, N)), _read(d, "grad_a", cost.dtype, (B, M)),
@@ -134,21 +145,22 @@ class SinkhornEmu:
                 tensors[f"{name}_mask"] = mk
         return B, M, N, D, meta, tensors
 
-    def wrd_fwd(self, x, y, x_mask, y_mask, eps, max_iter, tol, newton=False):
+    def wrd_fwd(self, x, y, x_mask, y_mask, eps, max_iter, tol, newton=False, relative_eps=False):
         B, M, N, D, meta, tensors = self._token_args(x, y, x_mask, y_mask)
-        meta.update(eps=eps, tol=tol, max_iter=max_iter)
+        meta.update(eps=eps, tol=tol, max_iter=max_iter, relative=int(relative_eps))
         d = self._run("wrd_fwd", x.dtype, tensors, meta)
         try:
             return (_read(d, "value", torch.float32, (B,)), _read(d, "dual", torch.float32, (B,)),
                     _read(d, "f", torch.float32, (B, M)), _read(d, "g", torch.float32, (B, N)),
-                    _read(d, "n_iter", torch.int64, (B,)), _read(d, "err", torch.float32, (B,)))
+                    _read(d, "n_iter", torch.int64, (B,)), _read(d, "err", torch.float32, (B,)),
+                    _read(d, "eps_reached", torch.float64, (B,)))
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
     def wrd_bwd(self, grad, x, y, x_mask, y_mask, f, g, eps):
         B, M, N, D, meta, tensors = self._token_args(x, y, x_mask, y_mask)
-        meta.update(eps=eps)
-        tensors.update(grad=grad.float().contiguous(), f=f.float().contiguous(), g=g.float().contiguous())
+        tensors.update(grad=grad.float().contiguous(), f=f.float().contiguous(), g=g.float().contiguous(),
+                       eps=self._problem_eps(eps, B))
         d = self._run("wrd_bwd", x.dtype, tensors, meta)
         try:
             return _read(d, "grad_x", x.dtype, (B, M, D)), _read(d, "grad_y", x.dtype, (B, N, D))

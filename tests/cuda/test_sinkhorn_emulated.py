@@ -57,8 +57,9 @@ def padded_batch(shapes, M, N, scale=1.0, seed=0):
     return cost, a, b
 
 
-def check_fwd_against_reference(out, ref, n_iter_slack=3, what=""):
-    value, dual, f, g, n_iter, err, plan = out
+def check_fwd_against_reference(out, ref, n_iter_slack=3, what="", eps=EPS):
+    value, dual, f, g, n_iter, err, plan, eps_reached = out
+    assert eps_reached.dtype == torch.float64 and bool((eps_reached == eps).all()), f"{what}eps_reached {eps_reached}"
     rv, rd, rf, rg, rn, re, rp = ref
     close(value, rv, 2e-6, 1e-4, what + "value")
     close(dual, rd, 2e-6, 1e-4, what + "dual")
@@ -98,7 +99,7 @@ def test_sinkhorn_fwd_small_eps_large_range(emu):
     cost, a, b = padded_batch([(10, 8), (7, 11)], 12, 12, scale=50.0, seed=3)
     out = emu.sinkhorn_fwd(cost, a, b, 0.01, 5000, TOL, True)
     ref = ref_fwd(cost, a, b, eps=0.01, max_iter=5000)
-    value, dual, f, g, n_iter, err, plan = out
+    value, dual, f, g, n_iter, err, plan, eps_reached = out
     close(value, ref[0], 1e-4, 1e-5, "value")
     close(dual, ref[1], 1e-4, 1e-5, "dual")
     close(f, ref[2], 1e-3, 1e-5, "f")
@@ -115,7 +116,7 @@ def test_sinkhorn_fwd_cost_offset(emu, offset):
     cost, a, b = padded_batch([(9, 7), (5, 12)], 12, 12, seed=9)
     out = emu.sinkhorn_fwd(cost + offset, a, b, EPS, MAX_ITER, TOL, True)
     ref = ref_fwd(cost + offset, a, b)
-    value, dual, f, g, n_iter, err, plan = out
+    value, dual, f, g, n_iter, err, plan, eps_reached = out
     close(value, ref[0], 1e-4, 1e-6, "value")
     close(dual, ref[1], 1e-4, 1e-6, "dual")
     close(f, ref[2], 2e-4, 1e-6, "f")
@@ -135,7 +136,7 @@ def test_sinkhorn_fwd_special_problems(emu):
     cost[3, 5, 0] = float("nan")  # row 5 is padding (a[3, 5] = 0)
     assert float(a[3, 5]) == 0
     out = emu.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
-    value, dual, f, g, n_iter, err, plan = out
+    value, dual, f, g, n_iter, err, plan, eps_reached = out
     for p, e in ((0, 0.0), (1, 1.0)):
         assert float(value[p]) == 0 and float(dual[p]) == 0 and int(n_iter[p]) == 0 and float(err[p]) == e
     assert bool(value[2].isnan()) and bool(dual[2].isnan()) and bool(err[2].isnan()) and int(n_iter[2]) == 0
@@ -148,7 +149,7 @@ def test_sinkhorn_fwd_special_problems(emu):
             torch.ops.kxkernels.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True, False)
         keep = torch.tensor([0, 1, 3, 4])
         cpu = torch.ops.kxkernels.sinkhorn_fwd(cost[keep], a[keep], b[keep], EPS, MAX_ITER, TOL, True, False)
-        for name, x, y in zip("value dual f g n_iter err plan".split(), out, cpu):
+        for name, x, y in zip("value dual f g n_iter err plan eps_reached".split(), out, cpu):
             if name == "n_iter":
                 assert int((x[keep] - y).abs().max()) <= 3, (x, y)
             else:
@@ -180,7 +181,7 @@ def test_sinkhorn_fwd_half_inputs(emu, dtype):
     out = emu.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
     assert out[6].dtype == dtype and out[0].dtype == torch.float32
     ref = ref_fwd(cost, a, b)  # float64 math on the rounded inputs
-    value, dual, f, g, n_iter, err, plan = out
+    value, dual, f, g, n_iter, err, plan, eps_reached = out
     close(value, ref[0], 2e-6, 1e-4, "value")
     close(f, ref[2], 5e-5, 1e-4, "f")
     tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
@@ -202,8 +203,13 @@ def test_thread_order_and_block_size_do_not_change_results(emu):
         assert torch.equal(p, q)
 
 
+def per_problem_eps(eps, B):
+    """eps as a float64 (B, 1, 1) tensor: one float for every problem, or a (B,) tensor."""
+    return torch.as_tensor(eps, dtype=torch.float64).expand(B).reshape(B, 1, 1)
+
+
 def bwd_expected(grad, cost, a, b, f, g, eps):
-    """The envelope gradient (csrc/cpu/sinkhorn.cpp) in float64."""
+    """The envelope gradient (csrc/cpu/sinkhorn.cpp) in float64; eps a float or per problem (B,)."""
     C, a, b, f, g, gr = (t.double() for t in (cost, a, b, f, g, grad))
     va, vb = a > 0, b > 0
     sa = torch.where(va, a, 0).sum(1, keepdim=True)
@@ -213,7 +219,7 @@ def bwd_expected(grad, cost, a, b, f, g, eps):
     bn = torch.where(vb & live, b / sb.clamp_min(1e-300), 0)
     fa = (an * f).sum(1, keepdim=True)
     gb = (bn * g).sum(1, keepdim=True)
-    T = an[:, :, None] * bn[:, None, :] * torch.exp((f[:, :, None] + g[:, None, :] - C) / eps)
+    T = an[:, :, None] * bn[:, None, :] * torch.exp((f[:, :, None] + g[:, None, :] - C) / per_problem_eps(eps, C.shape[0]))
     T = torch.where((an[:, :, None] > 0) & (bn[:, None, :] > 0), T, 0)
     ga = torch.where(an > 0, gr[:, None] * (f - fa) / sa.clamp_min(1e-300), 0)
     gbb = torch.where(bn > 0, gr[:, None] * (g - gb) / sb.clamp_min(1e-300), 0)
@@ -267,7 +273,7 @@ def test_wrd_fwd(emu, threads):
     xm[1, 10:] = False
     out = with_threads(emu, threads).wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL)
     ref = ref_wrd(x, y, xm, ym)
-    value, dual, f, g, n_iter, err = out
+    value, dual, f, g, n_iter, err, eps_reached = out
     close(value, ref[0], 2e-6, 1e-4, "value")
     close(dual, ref[1], 2e-6, 1e-4, "dual")
     close(f, ref[2], 5e-5, 1e-4, "f")
@@ -290,7 +296,7 @@ def test_wrd_fwd_special_problems(emu):
     x[2, 0, 5] = float("nan")
     xm[3, 4] = False
     x[3, 4, 0] = float("nan")
-    value, dual, f, g, n_iter, err = emu.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL)
+    value, dual, f, g, n_iter, err, eps_reached = emu.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL)
     assert float(value[0]) == 0 and float(err[0]) == 1 and int(n_iter[0]) == 0
     assert float(value[1]) == 0 and float(err[1]) == 0 and float(dual[1]) == 0
     assert bool(value[2].isnan()) and bool(err[2].isnan()) and int(n_iter[2]) == 0
@@ -319,7 +325,7 @@ def wrd_grad_expected(grad, x, y, xm, ym, f, g, eps):
     cost, a, b = R.cosine_cost_and_masses(x, y, xm, ym)
     f, g = f.double(), g.double()
     va, vb = a > 0, b > 0
-    T = a[:, :, None] * b[:, None, :] * torch.exp((f[:, :, None] + g[:, None, :] - cost) / eps)
+    T = a[:, :, None] * b[:, None, :] * torch.exp((f[:, :, None] + g[:, None, :] - cost) / per_problem_eps(eps, cost.shape[0]))
     T = torch.where(va[:, :, None] & vb[:, None, :], T, 0).detach()
     L = (grad.double() * ((T * cost).sum((1, 2)) + (torch.where(va, f, 0) * a).sum(1)
                           + (torch.where(vb, g, 0) * b).sum(1))).sum()
@@ -454,7 +460,7 @@ def test_wrd_past_shared_memory(emu, limit, tier):
     xm[1, 12:] = False
     ym[1, 9:] = False
     lim = _emu.SinkhornEmu(emu.exe, smem_limit=limit)
-    value, dual, f, g, n_iter, err = lim.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL)
+    value, dual, f, g, n_iter, err, eps_reached = lim.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL)
     groups = sorted(lim.groups)
     assert groups[-1][:2] == (256, tier) and len(groups) == 2, groups
     ref = ref_wrd(x, y, xm, ym)
@@ -467,3 +473,184 @@ def test_wrd_past_shared_memory(emu, limit, tier):
     ex, ey = wrd_grad_expected(grad, x, y, xm, ym, f, g, EPS)
     close(gx, ex, 1e-5, 1e-3, "grad_x")
     close(gy, ey, 1e-5, 1e-3, "grad_y")
+
+
+# ---- eps per problem: relative_eps, a stop before the schedule ends, the backward's eps (B,) -------
+
+def spread_batch(seed=20):
+    """Problems of different lengths and cost spreads in one batch padded to 150 x 150: a 150 x 150
+    problem (past an sm_80 block's shared memory: the workspace layout), spreads from 0.02 to 20,
+    a constant cost (spread 0: the requested eps itself) and an all-padding problem."""
+    shapes = [(9, 7), (150, 150), (30, 5), (6, 6), (12, 40), (0, 0)]
+    cost, a, b = padded_batch(shapes, 150, 150, seed=seed)
+    a[1, 1] = 0.3  # 150 x 150 exactly: no interior zero there
+    b[1, 2] = 0.3
+    for p, scale in enumerate((1.0, 3.0, 0.02, 1.0, 20.0, 1.0)):
+        cost[p] *= scale
+    cost[3] = 0.7
+    b[5] = 0
+    return cost, a, b
+
+
+def test_relative_eps_matches_cpu_op(emu):
+    """relative_eps=True: each block scales eps by its own cost spread (a block reduction over the
+    real entries), so value, potentials, plan and eps_reached match the CPU op (no Newton steps,
+    the same schedule) and the float64 reference, across spreads 0..20 and lengths up to a problem
+    in the global workspace."""
+    cost, a, b = spread_batch()
+    sm80 = _emu.SinkhornEmu(emu.exe, smem_limit=SM80)
+    out = sm80.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True, False, True)
+    assert any(tier == 1 and mc == 150 for _, tier, mc, _, _ in sm80.groups), sm80.groups
+    value, dual, f, g, n_iter, err, plan, eps_reached = out
+    real = (a > 0)[:, :, None] & (b > 0)[:, None, :]
+    hi = torch.where(real, cost, -torch.inf).flatten(1).amax(1).double()
+    lo = torch.where(real, cost, torch.inf).flatten(1).amin(1).double()
+    want = torch.where(hi > lo, EPS * (hi - lo), torch.full_like(hi, EPS))
+    want[5] = EPS  # all padding: the requested eps
+    assert torch.equal(eps_reached, want), (eps_reached, want)
+    assert float(eps_reached[3]) == EPS and len(set(eps_reached.tolist())) == 5
+    assert bool((err[:5] < TOL).all()) and float(err[5]) == 0 and float(value[5]) == 0, err
+    cpu = torch.ops.kxkernels.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True, False, True) if HAS_CPU_OPS else None
+    if cpu is not None:
+        assert torch.equal(eps_reached, cpu[7]), (eps_reached, cpu[7])
+        close(value, cpu[0], 2e-6, 1e-4, "value vs CPU op")
+        close(dual, cpu[1], 2e-6, 1e-4, "dual vs CPU op")
+        close(f, cpu[2], 5e-5, 1e-4, "f vs CPU op")
+        close(g, cpu[3], 5e-5, 1e-4, "g vs CPU op")
+        close(plan, cpu[6], 1e-6, 1e-3, "plan vs CPU op")
+        assert int((n_iter - cpu[4]).abs().max()) <= 3, (n_iter, cpu[4])
+    rv, rd, rf, rg, rn, re, rp, reps = R.sinkhorn(cost.double(), a.double(), b.double(), eps=EPS, max_iter=MAX_ITER,
+                                                  tol=TOL, return_plan=True, return_eps=True, relative_eps=True)
+    close(eps_reached, reps, 0, 1e-6, "eps_reached vs reference")
+    close(value, rv, 2e-6, 1e-4, "value vs reference")
+    close(f, rf, 5e-5, 1e-4, "f vs reference")
+    close(plan, rp, 1e-6, 1e-3, "plan vs reference")
+
+
+def test_relative_eps_off_is_absolute(emu):
+    """relative_eps=False (the ops' default) keeps eps in cost units for every problem."""
+    cost, a, b = spread_batch(seed=21)
+    keep = torch.tensor([0, 2, 3, 5])  # the short ones
+    cost, a, b = cost[keep, :30, :40], a[keep, :30], b[keep, :40]
+    out = emu.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True)
+    assert bool((out[7] == EPS).all()), out[7]
+    if HAS_CPU_OPS:
+        cpu = torch.ops.kxkernels.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True, False, False)
+        assert torch.equal(out[7], cpu[7])
+        close(out[0], cpu[0], 2e-6, 1e-4, "value vs CPU op")
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_stop_before_target_eps(emu, relative):
+    """max_iter so small that the eps schedule (spread 5 down to 1e-3, or 1e-3 x spread) has not
+    reached the target: eps_reached is the stage eps the results belong to, the same as the CPU
+    op's, err is at least tol, and value / plan are those of that eps."""
+    cost, a, b = padded_batch([(8, 6), (5, 7), (8, 7), (7, 7)], 8, 7, scale=5.0, seed=22)
+    cost[2] *= 0.1  # another spread: another schedule
+    # a separable cost r_i + c_j: every plan is a b^T, solved to ~1e-8 at every stage, so only
+    # the rule "err >= tol before the target eps" keeps err from claiming convergence
+    cost[3] = torch.linspace(0, 2, 8)[:, None] + torch.linspace(0, 3, 7)[None, :]
+    eps = 1e-3
+    for max_iter in (1, 3, 4):
+        out = emu.sinkhorn_fwd(cost, a, b, eps, max_iter, TOL, True, False, relative)
+        value, dual, f, g, n_iter, err, plan, eps_reached = out
+        assert bool((n_iter == max_iter).all()), n_iter
+        assert bool((err >= TOL).all()), err
+        assert float(err[3]) == float(torch.tensor(TOL, dtype=torch.float32)), err  # solved, but not at eps
+        cpu = torch.ops.kxkernels.sinkhorn_fwd(cost, a, b, eps, max_iter, TOL, True, False, relative) if HAS_CPU_OPS else None
+        if cpu is not None:
+            assert torch.equal(eps_reached, cpu[7]), (max_iter, eps_reached, cpu[7])
+            close(err, cpu[5], 1e-5, 1e-3, f"err at max_iter={max_iter}")
+            close(value, cpu[0], 1e-5, 1e-4, f"value at max_iter={max_iter}")
+            close(f, cpu[2], 1e-4, 1e-4, f"f at max_iter={max_iter}")
+            close(plan, cpu[6], 1e-5, 1e-3, f"plan at max_iter={max_iter}")
+        ref = R.sinkhorn(cost.double(), a.double(), b.double(), eps=eps, max_iter=max_iter, tol=TOL,
+                         return_plan=True, return_eps=True, relative_eps=relative)
+        close(eps_reached, ref[7], 0, 1e-6, f"eps_reached vs reference at max_iter={max_iter}")
+        target = eps * (cost.flatten(1).amax(1) - cost.flatten(1).amin(1)).double() if relative else eps
+        assert bool((eps_reached > target).all()), (eps_reached, target)
+
+
+def test_sinkhorn_bwd_per_problem_eps(emu):
+    """The backward at each problem's own eps (a stop before the schedule ended, relative eps:
+    all different), in shared memory and with the vectors in the workspace: matches the CPU
+    backward and the float64 envelope gradient."""
+    cost, a, b = padded_batch([(9, 7), (5, 12), (12, 12), (12, 3)], 12, 12, scale=4.0, seed=23)
+    cost[1] *= 0.1
+    fwd = emu.sinkhorn_fwd(cost, a, b, 1e-3, 5, TOL, False, False, True)
+    f, g, eps = fwd[2], fwd[3], fwd[7]
+    assert len(set(eps.tolist())) == 4, eps
+    grad = torch.tensor([1.5, -0.7, 0.3, 2.0])
+    exp = bwd_expected(grad, cost, a, b, f, g, eps)
+    cpu = torch.ops.kxkernels.sinkhorn_bwd(grad, cost, a, b, f, g, eps) if HAS_CPU_OPS else None
+    for runner in (emu, _emu.SinkhornEmu(emu.exe, smem_limit=256, ws_blocks=2)):
+        out = runner.sinkhorn_bwd(grad, cost, a, b, f, g, eps)
+        for k, (name, x, y) in enumerate(zip(("grad_cost", "grad_a", "grad_b"), out, exp)):
+            close(x, y, 1e-6, 1e-4, name)
+            if cpu is not None:
+                close(x, cpu[k], 1e-6, 1e-4, name + " vs CPU op")
+    one = emu.sinkhorn_bwd(grad, cost, a, b, f, g, float(eps[0]))  # eps[0] everywhere: another gradient
+    assert not torch.allclose(one[0][1:], out[0][1:])
+
+
+def spread_tokens(seed=24):
+    """Pairs of different lengths and cost spreads: a 140 x 150 pair (past an sm_80 block's shared
+    memory), short pairs, and a pair of one topic (a shared direction plus small noise: cosines
+    close together)."""
+    x, y, xm, ym = token_batch(3, 140, 150, 24, seed=seed)
+    xm[0] = True
+    ym[0] = True
+    xm[1, 10:] = False
+    ym[1, 7:] = False
+    g = torch.Generator().manual_seed(seed + 1)
+    c = torch.randn(24, generator=g)
+    x[2] = c + 0.3 * torch.randn(140, 24, generator=g)
+    y[2] = c + 0.3 * torch.randn(150, 24, generator=g)
+    xm[2, 20:] = False
+    ym[2, 25:] = False
+    return x, y, xm, ym
+
+
+def test_wrd_relative_eps_matches_cpu_op(emu):
+    """WRD with relative_eps=True (kxkernels.wrd's default): the spread of the in-kernel cosine
+    cost sets each pair's eps; forward (eps_reached, value, potentials) and backward at those eps
+    match the CPU op, with the long pair's matrices in the workspace."""
+    x, y, xm, ym = spread_tokens()
+    sm80 = _emu.SinkhornEmu(emu.exe, smem_limit=SM80)
+    value, dual, f, g, n_iter, err, eps_reached = sm80.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL, False, True)
+    assert any(tier == 1 for _, tier, _, _, _ in sm80.groups), sm80.groups
+    assert bool((err < TOL).all()), err
+    cost, a, b = R.cosine_cost_and_masses(x.double(), y.double(), xm, ym)
+    ref = R.sinkhorn(cost, a, b, eps=EPS, max_iter=MAX_ITER, tol=TOL, return_eps=True, relative_eps=True)
+    close(eps_reached, ref[7], 0, 1e-5, "eps_reached vs reference")
+    assert float(eps_reached[2]) < 0.8 * float(eps_reached[0]), eps_reached  # the one-topic pair: a smaller spread
+    close(value, ref[0], 2e-6, 1e-4, "value vs reference")
+    close(f, ref[2], 5e-5, 1e-4, "f vs reference")
+    grad = torch.tensor([1.0, -0.5, 2.0])
+    gx, gy = sm80.wrd_bwd(grad, x, y, xm, ym, f, g, eps_reached)
+    ex, ey = wrd_grad_expected(grad, x, y, xm, ym, f, g, eps_reached)
+    close(gx, ex, 1e-5, 1e-3, "grad_x")
+    close(gy, ey, 1e-5, 1e-3, "grad_y")
+    if HAS_CPU_OPS:
+        cpu = torch.ops.kxkernels.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL, False, True)
+        close(eps_reached, cpu[6], 0, 1e-5, "eps_reached vs CPU op")
+        close(value, cpu[0], 2e-6, 1e-4, "value vs CPU op")
+        close(f, cpu[2], 5e-5, 1e-4, "f vs CPU op")
+        close(g, cpu[3], 5e-5, 1e-4, "g vs CPU op")
+        assert int((n_iter - cpu[4]).abs().max()) <= 3, (n_iter, cpu[4])
+        cx, cy = torch.ops.kxkernels.wrd_bwd(grad, x, y, xm, ym, f, g, eps_reached)
+        close(gx, cx, 1e-5, 1e-3, "grad_x vs CPU op")
+        close(gy, cy, 1e-5, 1e-3, "grad_y vs CPU op")
+
+
+def test_wrd_stop_before_target_eps(emu):
+    """WRD stopped by max_iter during the schedule: eps_reached is the CPU op's stage eps."""
+    x, y, xm, ym = token_batch(3, 9, 11, 40, seed=25)
+    for max_iter in (1, 4):
+        out = emu.wrd_fwd(x, y, xm, ym, 1e-3, max_iter, TOL, False, True)
+        assert bool((out[4] == max_iter).all()) and bool((out[5] >= TOL).all()), out
+        if HAS_CPU_OPS:
+            cpu = torch.ops.kxkernels.wrd_fwd(x, y, xm, ym, 1e-3, max_iter, TOL, False, True)
+            close(out[6], cpu[6], 0, 1e-5, f"eps_reached at max_iter={max_iter}")
+            assert bool((cpu[6] > 1e-3 * 0.2).all())
+            close(out[0], cpu[0], 1e-5, 1e-4, f"value at max_iter={max_iter}")

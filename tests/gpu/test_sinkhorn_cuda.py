@@ -428,3 +428,148 @@ def test_wrd_4096_pairs():
     cx, cy = ops.wrd_bwd(grad.cpu(), x, y, xm, ym, f.cpu(), g.cpu(), per_problem(grad.cpu(), EPS))
     close(gx, cx, 1e-5, 1e-3, "grad_x vs CPU op")
     close(gy, cy, 1e-5, 1e-3, "grad_y vs CPU op")
+
+
+# ---- eps per problem: relative_eps, a stop before the schedule ends, the backward's eps (B,) --------
+
+def spread_batch(seed=30):
+    """Problems of different lengths and cost spreads in one batch padded to 200 x 200: a 200 x 200
+    problem (past one block's shared memory on sm_80 and sm_90), spreads from 0.02 to 20, a
+    constant cost (spread 0: the requested eps itself); problem 0 is all padding, 1 mass on rows only."""
+    cost, a, b = padded_batch(8, 200, 200, seed=seed)
+    a[2] = torch.rand(200) + 0.05  # 200 x 200, every row and column real
+    b[2] = torch.rand(200) + 0.05
+    for p, scale in enumerate((1.0, 1.0, 3.0, 0.02, 20.0, 1.0, 0.5, 7.0)):
+        cost[p] *= scale
+    cost[5] = 0.7
+    return cost, a, b
+
+
+def test_relative_eps_matches_cpu_op():
+    """relative_eps=True on CUDA (it raised a ValueError before): each problem runs at eps times
+    its own cost spread, as on the CPU; eps_reached, value, potentials and plan match the CPU op
+    (no Newton steps: the same schedule) and the float64 reference."""
+    cost, a, b = spread_batch()
+    out = ops.sinkhorn_fwd(cost.cuda(), a.cuda(), b.cuda(), EPS, MAX_ITER, TOL, True, False, True)
+    value, dual, f, g, n_iter, err, plan, eps_reached = out
+    assert eps_reached.dtype == torch.float64 and eps_reached.is_cuda
+    cpu = ops.sinkhorn_fwd(cost, a, b, EPS, MAX_ITER, TOL, True, False, True)
+    assert torch.equal(eps_reached.cpu(), cpu[7]), (eps_reached, cpu[7])
+    assert float(eps_reached[5]) == EPS and len(set(eps_reached[2:].tolist())) == 6, eps_reached
+    for name, k, atol in (("value", 0, 5e-5), ("dual", 1, 5e-5), ("f", 2, 1e-4), ("g", 3, 1e-4)):
+        close(out[k], cpu[k], atol, 1e-4, f"{name} vs CPU op")
+    close(plan, cpu[6], 1e-6, 1e-3, "plan vs CPU op")
+    same_schedule(n_iter, cpu[4])
+    assert bool((err[2:] < TOL).all()), err
+    live = slice(2, None)
+    ref = R.sinkhorn(cost[live].double(), a[live].double(), b[live].double(), eps=EPS, max_iter=MAX_ITER,
+                     tol=TOL, return_plan=True, return_eps=True, relative_eps=True)
+    close(eps_reached[live], ref[7], 0, 1e-6, "eps_reached vs reference")
+    close(value[live], ref[0], 2e-6, 1e-4, "value vs reference")
+    close(plan[live], ref[6], 1e-7, 1e-3, "plan vs reference")
+    absolute = ops.sinkhorn_fwd(cost.cuda(), a.cuda(), b.cuda(), EPS, MAX_ITER, TOL, False, False, False)
+    assert bool((absolute[7] == EPS).all())
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_stop_before_target_eps(relative):
+    """max_iter stops the eps schedule before the target: eps_reached is the stage eps (the CPU
+    op's), err >= tol (also for a separable cost, solved at every stage), value and plan of that eps."""
+    g = torch.Generator().manual_seed(31)
+    cost = 5.0 * torch.rand(6, 16, 12, generator=g)
+    a = torch.rand(6, 16, generator=g) + 0.05
+    b = torch.rand(6, 12, generator=g) + 0.05
+    a[1::2, 10:] = 0
+    cost[2] *= 0.1
+    cost[3] = torch.linspace(0, 2, 16)[:, None] + torch.linspace(0, 3, 12)[None, :]
+    for max_iter in (1, 3, 4):
+        out = ops.sinkhorn_fwd(cost.cuda(), a.cuda(), b.cuda(), 1e-3, max_iter, TOL, True, False, relative)
+        cpu = ops.sinkhorn_fwd(cost, a, b, 1e-3, max_iter, TOL, True, False, relative)
+        assert torch.equal(out[7].cpu(), cpu[7]), (max_iter, out[7], cpu[7])
+        assert bool((out[5] >= TOL).all()), out[5]
+        assert float(out[5][3]) == float(cpu[5][3]), (out[5], cpu[5])
+        close(out[5], cpu[5], 1e-5, 1e-3, f"err at max_iter={max_iter}")
+        close(out[0], cpu[0], 1e-5, 1e-4, f"value at max_iter={max_iter}")
+        close(out[6], cpu[6], 1e-5, 1e-3, f"plan at max_iter={max_iter}")
+
+
+def test_sinkhorn_bwd_per_problem_eps():
+    """The backward at each problem's own eps (early stop, relative eps: all different) matches
+    the CPU backward and the float64 envelope gradient; before, CUDA refused eps that differ."""
+    cost, a, b = padded_batch(10, 24, 20, scale=4.0, seed=32)
+    cost[3] *= 0.1
+    fwd = ops.sinkhorn_fwd(cost.cuda(), a.cuda(), b.cuda(), 1e-3, 5, TOL, False, False, True)
+    f, g, eps = fwd[2], fwd[3], fwd[7]
+    assert len(set(eps[2:].tolist())) == 8, eps
+    grad = torch.linspace(-1.0, 2.0, 10)
+    out = ops.sinkhorn_bwd(grad.cuda(), cost.cuda(), a.cuda(), b.cuda(), f, g, eps)
+    cpu = ops.sinkhorn_bwd(grad, cost, a, b, f.cpu(), g.cpu(), eps.cpu())
+    exp = bwd_expected_eps(grad, cost, a, b, f, g, eps)
+    for name, x, c, e in zip(("grad_cost", "grad_a", "grad_b"), out, cpu, exp):
+        close(x, c, 1e-6, 1e-4, name + " vs CPU op")
+        close(x, e, 1e-6, 1e-4, name)
+    on_host = ops.sinkhorn_bwd(grad.cuda(), cost.cuda(), a.cuda(), b.cuda(), f, g, eps.cpu())  # eps on the host
+    for x, y in zip(out, on_host):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="eps"):
+        ops.sinkhorn_bwd(grad.cuda(), cost.cuda(), a.cuda(), b.cuda(), f, g, torch.zeros(10, device="cuda"))
+
+
+def bwd_expected_eps(grad, cost, a, b, f, g, eps):
+    """bwd_expected at a per-problem eps (B,)."""
+    outs = [bwd_expected(grad[p:p + 1], cost[p:p + 1], a[p:p + 1], b[p:p + 1], f[p:p + 1], g[p:p + 1],
+                         float(eps[p])) for p in range(cost.shape[0])]
+    return tuple(torch.cat([o[k] for o in outs]) for k in range(3))
+
+
+def spread_tokens(seed=33):
+    """WRD pairs of different lengths and spreads: a 200 x 180 pair (past shared memory), short
+    pairs, a pair of one topic (a shared direction plus small noise: cosines close together)."""
+    x, y, xm, ym = token_batch(4, 200, 180, 64, lengths=(5, 40), seed=seed)
+    xm[0] = True
+    ym[0] = True
+    g = torch.Generator().manual_seed(seed + 1)
+    c = torch.randn(64, generator=g)
+    x[2] = c + 0.3 * torch.randn(200, 64, generator=g)
+    y[2] = c + 0.3 * torch.randn(180, 64, generator=g)
+    return x, y, xm, ym
+
+
+def test_wrd_relative_eps_matches_cpu_op():
+    """wrd_fwd / wrd_bwd with relative_eps=True (kxkernels.wrd's default) on CUDA: eps_reached from
+    the in-kernel cosine cost's spread, value, potentials and gradients match the CPU op."""
+    x, y, xm, ym = spread_tokens()
+    xc, yc, xmc, ymc = cuda_all(x, y, xm, ym)
+    value, dual, f, g, n_iter, err, eps_reached = ops.wrd_fwd(xc, yc, xmc, ymc, EPS, MAX_ITER, TOL, False, True)
+    cpu = ops.wrd_fwd(x, y, xm, ym, EPS, MAX_ITER, TOL, False, True)
+    close(eps_reached, cpu[6], 0, 1e-5, "eps_reached vs CPU op")
+    assert float(eps_reached[2]) < 0.8 * float(eps_reached[0]), eps_reached
+    close(value, cpu[0], 1e-5, 1e-4, "value vs CPU op")
+    close(f, cpu[2], 1e-4, 1e-4, "f vs CPU op")
+    close(g, cpu[3], 1e-4, 1e-4, "g vs CPU op")
+    same_schedule(n_iter, cpu[4])
+    assert bool((err < TOL).all()), err
+    grad = torch.tensor([1.0, -0.5, 2.0, 0.3])
+    gx, gy = ops.wrd_bwd(grad.cuda(), xc, yc, xmc, ymc, f, g, eps_reached)
+    cx, cy = ops.wrd_bwd(grad, x, y, xm, ym, f.cpu(), g.cpu(), eps_reached.cpu())
+    close(gx, cx, 1e-5, 1e-3, "grad_x vs CPU op")
+    close(gy, cy, 1e-5, 1e-3, "grad_y vs CPU op")
+
+
+def test_wrd_default_arguments_on_cuda():
+    """kxkernels.wrd with its defaults (relative_eps=True) runs on CUDA tensors -- it raised a
+    ValueError before -- and gives the CPU's distances and gradients (the CPU adds Newton steps:
+    both converged to tol, so they agree to the tolerance)."""
+    x, y, xm, ym = token_batch(8, 30, 25, 48, lengths=(3, 25), seed=34)
+    xc, yc = x.cuda().requires_grad_(), y.cuda().requires_grad_()
+    d = kxkernels.wrd(xc, yc, x_mask=xm.cuda(), y_mask=ym.cuda())
+    xh, yh = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    dh = kxkernels.wrd(xh, yh, x_mask=xm, y_mask=ym)
+    close(d, dh, 1e-5, 1e-4, "wrd vs CPU")
+    w = torch.linspace(0.5, 1.5, 8)
+    (d * w.cuda()).sum().backward()
+    (dh * w).sum().backward()
+    close(xc.grad, xh.grad, 1e-5, 1e-3, "d wrd / dx vs CPU")
+    close(yc.grad, yh.grad, 1e-5, 1e-3, "d wrd / dy vs CPU")
+    res = kxkernels.wrd(x.cuda(), y.cuda(), x_mask=xm.cuda(), y_mask=ym.cuda(), return_result=True)
+    close(res.eps, kxkernels.wrd(x, y, x_mask=xm, y_mask=ym, return_result=True).eps, 0, 1e-5, "eps vs CPU")

@@ -9,9 +9,10 @@
 // glue's policy) as the glue does, in launches of sk::blocks_per_launch blocks (`ws_blocks` in
 // meta caps it, to exercise several launches); the groups are printed to stdout, one
 // "threads tier mc nc count" line each.
-// DIR/meta.txt holds "key value" lines (sizes, settings, element strides of each input, and
-// optionally `threads` to override the block size, `seed` for the thread order, `smem_limit`);
-// DIR/<name>.bin the raw storage of each input. Outputs go to DIR/out_<name>.bin, poisoned (all
+// DIR/meta.txt holds "key value" lines (sizes, settings -- `relative` 0/1 for relative_eps --,
+// element strides of each input, and optionally `threads` to override the block size, `seed` for
+// the thread order, `smem_limit`); DIR/<name>.bin the raw storage of each input (the backward ops'
+// per-problem eps as eps.bin, float64 (B,)). Outputs go to DIR/out_<name>.bin, poisoned (all
 // bits set: NaN, -1) before the launch so an element the kernel does not write shows.
 #include "cuda_emu.h"
 #include "sinkhorn_kernel.cuh"
@@ -142,6 +143,7 @@ int run(const std::string& op) {
     auto value = poisoned<float>(B), dual = poisoned<float>(B), err = poisoned<float>(B);
     auto f = poisoned<float>(B * M), g = poisoned<float>(B * N);
     auto n_iter = poisoned<int64_t>(B);
+    auto eps_out = poisoned<double>(B);
     const bool want_plan = imeta("return_plan", 0) != 0;
     auto plan = poisoned<T>(want_plan ? B * M * N : 0);
     const auto m = count_positive(a, B, M, imeta("as0"), imeta("as1"));
@@ -150,19 +152,20 @@ int run(const std::string& op) {
         [&](const sk::Layout& L, const int* index, float* ws, int64_t blocks) {
           sk::SinkhornFwdArgs<T> P{cost.data(), a.data(), b.data(), M, N, imeta("cs0"), imeta("cs1"),
                                    imeta("cs2"), imeta("as0"), imeta("as1"), imeta("bs0"), imeta("bs1"),
-                                   meta("eps"), meta("tol"), imeta("max_iter"), L, index, ws, value.data(),
-                                   dual.data(), f.data(), g.data(), err.data(), n_iter.data(),
-                                   want_plan ? plan.data() : nullptr};
+                                   meta("eps"), meta("tol"), imeta("max_iter"), imeta("relative", 0) != 0, L,
+                                   index, ws, value.data(), dual.data(), f.data(), g.data(), err.data(),
+                                   n_iter.data(), eps_out.data(), want_plan ? plan.data() : nullptr};
           return emu::launch(blocks, L.threads, L.smem, seed, sk::sinkhorn_fwd_kernel<T>, P);
         }));
     save("value", value, B); save("dual", dual, B); save("err", err, B);
-    save("f", f, B * M); save("g", g, B * N); save("n_iter", n_iter, B);
+    save("f", f, B * M); save("g", g, B * N); save("n_iter", n_iter, B); save("eps_reached", eps_out, B);
     if (want_plan) save("plan", plan, B * M * N);
     return rc;
   }
   if (op == "sinkhorn_bwd") {
     const auto cost = load<T>("cost"), a = load<T>("a"), b = load<T>("b");
     const auto grad = load<float>("grad"), f = load<float>("f"), g = load<float>("g");
+    const auto eps = load<double>("eps");
     const int threads = int(imeta("threads", sk::kBwdThreads));
     auto gc = poisoned<T>(B * M * N), ga = poisoned<T>(B * M), gb = poisoned<T>(B * N);
     // the glue's rule: vectors in shared memory when they fit, else a workspace slice per block
@@ -176,7 +179,7 @@ int run(const std::string& op) {
     for (int64_t s0 = 0; s0 < B && rc == 0; s0 += per) {
       sk::SinkhornBwdArgs<T> P{grad.data(), f.data(), g.data(), cost.data(), a.data(), b.data(), M, N,
                                imeta("cs0"), imeta("cs1"), imeta("cs2"), imeta("as0"), imeta("as1"),
-                               imeta("bs0"), imeta("bs1"), meta("eps"), gc.data(), ga.data(), gb.data(), s0,
+                               imeta("bs0"), imeta("bs1"), eps.data(), gc.data(), ga.data(), gb.data(), s0,
                                global ? ws.data() : nullptr, ws_floats};
       rc = report(emu::launch(std::min(per, B - s0), threads, smem, seed, sk::sinkhorn_bwd_kernel<T>, P));
     }
@@ -193,23 +196,27 @@ int run(const std::string& op) {
     auto value = poisoned<float>(B), dual = poisoned<float>(B), err = poisoned<float>(B);
     auto f = poisoned<float>(B * M), g = poisoned<float>(B * N);
     auto n_iter = poisoned<int64_t>(B);
+    auto eps_out = poisoned<double>(B);
     const int rc = report(run_groups(m, n, B, M, N, true, limit,
         [&](const sk::Layout& L, const int* index, float* ws, int64_t blocks) {
-          sk::WrdFwdArgs<T> P{X, Y, meta("eps"), meta("tol"), imeta("max_iter"), L, index, ws, value.data(),
-                              dual.data(), f.data(), g.data(), err.data(), n_iter.data()};
+          sk::WrdFwdArgs<T> P{X, Y, meta("eps"), meta("tol"), imeta("max_iter"), imeta("relative", 0) != 0, L,
+                              index, ws, value.data(), dual.data(), f.data(), g.data(), err.data(), n_iter.data(),
+                              eps_out.data()};
           return emu::launch(blocks, L.threads, L.smem, seed, sk::wrd_fwd_kernel<T>, P);
         }));
     save("value", value, B); save("dual", dual, B); save("err", err, B);
-    save("f", f, B * M); save("g", g, B * N); save("n_iter", n_iter, B);
+    save("f", f, B * M); save("g", g, B * N); save("n_iter", n_iter, B); save("eps_reached", eps_out, B);
     return rc;
   }
   if (op == "wrd_bwd") {
     const int64_t D = imeta("D");
     const auto grad = load<float>("grad"), f = load<float>("f"), g = load<float>("g");
+    const auto eps = load<double>("eps");
     auto gx = poisoned<T>(B * M * D), gy = poisoned<T>(B * N * D);
     const int rc = report(run_groups(m, n, B, M, N, true, limit,
         [&](const sk::Layout& L, const int* index, float* ws, int64_t blocks) {
-          sk::WrdBwdArgs<T> P{X, Y, grad.data(), f.data(), g.data(), meta("eps"), L, index, ws, gx.data(), gy.data()};
+          sk::WrdBwdArgs<T> P{X, Y, grad.data(), f.data(), g.data(), eps.data(), L, index, ws, gx.data(),
+                              gy.data()};
           return emu::launch(blocks, L.threads, L.smem, seed, sk::wrd_bwd_kernel<T>, P);
         }));
     save("grad_x", gx, B * M * D); save("grad_y", gy, B * N * D);
