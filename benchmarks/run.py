@@ -312,14 +312,15 @@ class CaseTimer:
             "max_error": max_error,
             "max_error_failure": max_error_failure,
             "flops": case.flops, "bytes": case.bytes,
-            "kx_gflops": case.flops / kx / 1e9 if case.flops and kx else None,
-            "kx_gbps": case.bytes / kx / 1e9 if case.bytes and kx else None,
+            # flops / bytes are per call: kx's rate uses its time per call (per-item median x its items)
+            "kx_gflops": case.flops / (kx * per(KX)) / 1e9 if case.flops and kx else None,
+            "kx_gbps": case.bytes / (kx * per(KX)) / 1e9 if case.bytes and kx else None,
             "provider_errors": self.errors,
             "probe_gflops": self.probe_gflops,
             "stream_gbps": self.stream_gbps,
             # kxkernels time over the bandwidth floor (Case.bytes / this case's median stream rate)
             "floor_s": floor_s,
-            "kx_over_floor": kx / floor_s if kx and floor_s else None,
+            "kx_over_floor": kx * per(KX) / floor_s if kx and floor_s else None,
         }
 
 

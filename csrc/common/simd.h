@@ -34,6 +34,19 @@ inline float hmax(vfloat v) {
   return m;
 }
 
+// a * b + c lane-wise, fused (one rounding) where the level has FMA (AVX2 and AVX-512 regions
+// enable it); a multiply and an add at the SSE2 baseline. The build is ISO C++ (-std=c++17), so
+// GCC contracts no `a * b + c` on its own: the hot polynomials call this.
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
+#if KX_ISA_LEVEL == 2
+  return _mm512_fmadd_ps(a, b, c);
+#elif KX_ISA_LEVEL == 1
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // sum_i a[i] * b[i] over n elements (float32 lanes; any other type a plain loop).
 template <typename A>
 inline A vdot(const A* a, const A* b, int64_t n) {
@@ -44,30 +57,37 @@ inline A vdot(const A* a, const A* b, int64_t n) {
 inline float vdot(const float* a, const float* b, int64_t n) {
   vfloat acc = vbroadcast(0.f);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) acc += vload(a + i) * vload(b + i);
+  for (; i + kLanes <= n; i += kLanes) acc = vfma(vload(a + i), vload(b + i), acc);
   float s = hsum(acc);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
-// exp in float32, within 2 ulp (Cephes expf: Cody-Waite reduction by ln 2, degree-6 polynomial,
-// 2^n applied as two factors so that subnormal results and the top of the range are exact in
-// form). Below -103.98 (including -inf) it is exactly 0, above 88.7228 +inf, NaN stays NaN.
+// e^x = 2^n e^r for x already clamped to the float range: Cody-Waite reduction by ln 2 to
+// r in [-ln2/2, ln2/2] (n integral, returned in *n) and the Cephes expf degree-6 polynomial for e^r.
+inline vfloat vexp_reduced(vfloat x, vfloat* n) {
+  const vfloat kRound = vbroadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  *n = vfma(x, vbroadcast(1.44269504088896341f), kRound) - kRound;
+  vfloat r = vfma(*n, vbroadcast(-0.693359375f), x);
+  r = vfma(*n, vbroadcast(2.12194440e-4f), r);
+  vfloat p = vbroadcast(1.9875691500e-4f);
+  p = vfma(p, r, vbroadcast(1.3981999507e-3f));
+  p = vfma(p, r, vbroadcast(8.3334519073e-3f));
+  p = vfma(p, r, vbroadcast(4.1665795894e-2f));
+  p = vfma(p, r, vbroadcast(1.6666665459e-1f));
+  p = vfma(p, r, vbroadcast(5.0000001201e-1f));
+  return vfma(p, r * r, r) + 1.0f;
+}
+
+// exp in float32, within 2 ulp (vexp_reduced, 2^n applied as two factors so that subnormal
+// results and the top of the range are exact in form). Below -103.98 (including -inf) it is
+// exactly 0, above 88.7228 +inf, NaN stays NaN.
 inline vfloat vexp(vfloat x) {
   const float kLo = -103.972084f, kHi = 88.7228391f;  // ln 2^-150, ln FLT_MAX
   vfloat xc = x < kLo ? vbroadcast(kLo) : x;
   xc = xc > kHi ? vbroadcast(kHi) : xc;
-  const vfloat kRound = vbroadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vfloat n = (xc * 1.44269504088896341f + kRound) - kRound;
-  vfloat r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vfloat p = vbroadcast(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vfloat y = p * (r * r) + r + 1.0f;
+  vfloat n;
+  const vfloat y = vexp_reduced(xc, &n);
   const vint ni = __builtin_convertvector(n, vint);  // in [-150, 128]
   const vint n1 = ni >> 1, n2 = ni - n1;              // each in [-75, 64]: normal powers of 2
   const vint e1 = (n1 + 127) << 23, e2 = (n2 + 127) << 23;
@@ -77,6 +97,24 @@ inline vfloat vexp(vfloat x) {
   vfloat out = (y * s1) * s2;
   out = x < kLo ? vbroadcast(0.f) : out;
   out = x > kHi ? vbroadcast(std::numeric_limits<float>::infinity()) : out;
+  return out;
+}
+
+// exp for hot loops that need no subnormal results: within 2 ulp on [-87.3, 88.7], exactly 0
+// below -87.3 (a term below 1e-38 never moves a sum or a feature), clamped at 88.7 above; two
+// multiplies and selects fewer than vexp. NaN is not preserved (callers never pass it).
+inline vfloat vexp_flush(vfloat x) {
+  const vfloat lo = vbroadcast(-87.3f), hi = vbroadcast(88.7f);
+  const vint under = x < lo;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  vfloat n;
+  const vfloat p = vexp_reduced(x, &n);
+  vint bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits = (bits + (__builtin_convertvector(n, vint) << 23)) & ~under;
+  vfloat out;
+  std::memcpy(&out, &bits, sizeof(out));
   return out;
 }
 inline float sexp(float x) { return vexp(vbroadcast(x))[0]; }

@@ -216,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_linear_attenti
                         positions, pos_offset, mask, S0, z0);
   LaArgs& a = pr.a;
   const auto acc = q.options().dtype(acc_type(q.scalar_type()));
-  at::Tensor out = new_output({a.B, a.H, a.L, a.Dv}, q.options());
+  at::Tensor out = new_resident_output({a.B, a.H, a.L, a.Dv}, q.options());
   at::Tensor den = new_output({a.B, a.H, normalize ? a.L : 0}, acc);
   at::Tensor S = new_output({a.B, a.H, a.Dk, a.Dv}, acc);
   at::Tensor z = new_output({a.B, a.H, a.Dk}, acc);
@@ -253,9 +253,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_li
     a.gz = g.data_ptr();
     pr.keep.push_back(g);
   }
-  at::Tensor gq = new_output({a.B, a.H, a.L, a.Dk}, q.options());
-  at::Tensor gk = new_output({a.B, a.H, a.L, a.Dk}, q.options());
-  at::Tensor gv = new_output({a.B, a.H, a.L, a.Dv}, q.options());
+  at::Tensor gq = new_resident_output({a.B, a.H, a.L, a.Dk}, q.options());
+  at::Tensor gk = new_resident_output({a.B, a.H, a.L, a.Dk}, q.options());
+  at::Tensor gv = new_resident_output({a.B, a.H, a.L, a.Dv}, q.options());
   at::Tensor gS0 = new_output({a.B, a.H, a.Dk, a.Dv}, acc);
   at::Tensor gz0 = new_output({a.B, a.H, a.Dk}, acc);
   a.gqw = gq.data_ptr(); a.gkw = gk.data_ptr(); a.gvw = gv.data_ptr();
@@ -274,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_fwd_cpu(
                         positions, pos_offset, mask, c10::nullopt, c10::nullopt);
   LaArgs& a = pr.a;
   const auto acc = q.options().dtype(acc_type(q.scalar_type()));
-  at::Tensor out = new_output({a.B, a.H, a.L, a.Dv}, q.options());
+  at::Tensor out = new_resident_output({a.B, a.H, a.L, a.Dv}, q.options());
   at::Tensor den = new_output({a.B, a.H, normalize ? a.L : 0}, acc);
   a.outw = out.data_ptr(); a.denw = den.data_ptr();
   KX_DISPATCH_FLOATING(q.scalar_type(), "linear_attention_fwd", [&] {
@@ -292,9 +292,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd_cpu(
                         positions, pos_offset, mask, c10::nullopt, c10::nullopt);
   prepare_grad(pr, q, grad_out, out, den);
   LaArgs& a = pr.a;
-  at::Tensor gq = new_output({a.B, a.H, a.L, a.Dk}, q.options());
-  at::Tensor gk = new_output({a.B, a.H, a.L, a.Dk}, q.options());
-  at::Tensor gv = new_output({a.B, a.H, a.L, a.Dv}, q.options());
+  at::Tensor gq = new_resident_output({a.B, a.H, a.L, a.Dk}, q.options());
+  at::Tensor gk = new_resident_output({a.B, a.H, a.L, a.Dk}, q.options());
+  at::Tensor gv = new_resident_output({a.B, a.H, a.L, a.Dv}, q.options());
   a.gqw = gq.data_ptr(); a.gkw = gk.data_ptr(); a.gvw = gv.data_ptr();
   KX_DISPATCH_FLOATING(q.scalar_type(), "linear_attention_bwd", [&] {
     KX_ISA_CALL(full_backward<scalar_t>, a);

@@ -45,9 +45,9 @@ inline void phi_n(const float* x, float* y, int64_t n, int fm) {
   const vfloat zero = vbroadcast(0.f);
   for (; i + kLanes <= n; i += kLanes) {
     const vfloat v = vload(x + i);
-    vstore(y + i, fm == 0 ? (v > zero ? v + 1.0f : vexp(vmin(v, zero))) : vmax(v, zero));
+    vstore(y + i, fm == 0 ? (v > zero ? v + 1.0f : vexp_flush(vmin(v, zero))) : vmax(v, zero));
   }
-  for (; i < n; ++i) y[i] = fm == 0 ? (x[i] > 0.f ? x[i] + 1.f : sexp(x[i])) : (x[i] > 0.f ? x[i] : 0.f);
+  for (; i < n; ++i) y[i] = fm == 0 ? (x[i] > 0.f ? x[i] + 1.f : vexp_flush(vbroadcast(x[i]))[0]) : (x[i] > 0.f ? x[i] : 0.f);
 }
 inline void phi_n(const double* x, double* y, int64_t n, int fm) {
   for (int64_t i = 0; i < n; ++i)

@@ -15,31 +15,7 @@ KX_INLINE vdouble vload_d(const double* p) {
   return v;
 }
 
-// exp(x) for float lanes: Cody-Waite reduction to r in [-ln2/2, ln2/2] and the Cephes expf
-// polynomial, relative error below 2 ulp (2.4e-7) for x in [-87.3, 88.7]; exactly 0 below (no
-// subnormals: simd.h's vexp keeps them at the price of two more multiplies and selects, which
-// this loop -- the whole cost of a sweep -- does not need: a term below 1e-38 never moves a sum).
-KX_INLINE vfloat vexp_flush(vfloat x) {
-  const vfloat lo = vbroadcast(-87.3f), hi = vbroadcast(88.7f);
-  const vint under = x < lo;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const vfloat magic = vbroadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vfloat t = x * vbroadcast(1.44269504088896341f) + magic;
-  const vfloat n = t - magic;
-  vfloat r = x - n * vbroadcast(0.693359375f);
-  r = r - n * vbroadcast(-2.12194440e-4f);
-  vfloat p = vbroadcast(1.9875691500e-4f);
-  p = p * r + vbroadcast(1.3981999507e-3f);
-  p = p * r + vbroadcast(8.3334519073e-3f);
-  p = p * r + vbroadcast(4.1665795894e-2f);
-  p = p * r + vbroadcast(1.6666665459e-1f);
-  p = p * r + vbroadcast(5.0000001201e-1f);
-  p = p * (r * r) + r + vbroadcast(1.0f);
-  vint bits = (vint)p + (((vint)t - (vint)magic) << 23);
-  bits &= ~under;
-  return (vfloat)bits;
-}
+// exp over the hot rows: simd.h's vexp_flush (no subnormal results, exactly 0 below -87.3).
 
 // log(x) for positive normal float lanes (the callers guarantee [kSumMin, kSumMax]): Cephes logf,
 // relative error below 2 ulp.

@@ -70,17 +70,38 @@ def test_read_bio(example, tmp_path):
 
 def test_word_piece_spans(example, tokenizer):
     words, tags = ["Blackburn", "visited", "Wolverhampton", "Wanderers"], ["B-PER", "O", "B-ORG", "I-ORG"]
-    e = example.Encoded(tokenizer, words, tags)
-    assert e.word_of[0] == -1 and e.word_of[-1] == -1  # [CLS], [SEP]
+    (e,) = example.encode(tokenizer, [(words, tags)], 0)
+    assert e.word_of[0] is None and e.word_of[-1] is None  # [CLS], [SEP]
     by_type = {example.TYPES[t]: (s, end) for t, s, end in e.piece_spans}
     s, end = by_type["ORG"]
-    assert e.word_of[s] == 2 and e.word_of[end] == 3 and e.word_of[s - 1] == 1
+    assert e.word_of[s] == (0, 2) and e.word_of[end] == (0, 3) and e.word_of[s - 1] == (0, 1)
     assert end + 1 == len(e.ids) - 1, "the ORG span ends on the last piece of its last word"
     s, end = by_type["PER"]
-    assert s == 1 and e.word_of[end] == 0 and e.word_of[end + 1] == 1
-    ids, attention, pieces, spans = example.collate([e, example.Encoded(tokenizer, ["Hi"], ["O"])])
+    assert s == 1 and e.word_of[end] == (0, 0) and e.word_of[end + 1] == (0, 1)
+    assert e.entities == {(0, 0, 0, "PER"), (0, 2, 3, "ORG")}
+    hi = example.encode(tokenizer, [(["Hi"], ["O"])], 0)[0]
+    ids, attention, pieces, spans = example.collate([e, hi])
     assert spans.shape[:2] == (2, 4) and (spans[1] == -1).all()
     assert pieces[0].sum() == len(e.ids) - 2 and not pieces[1, 0] and not pieces[1, 2:].any()
+
+
+def test_windows_pack_consecutive_sentences(example, tokenizer, tmp_path):
+    """Windows hold whole consecutive sentences up to the piece budget; entities keep their
+    sentence index and map to the same words as in one-sentence sequences."""
+    f = tmp_path / "tiny.txt"
+    f.write_text(TINY)
+    sents = example.read_bio(f)
+    alone = example.encode(tokenizer, sents, 0)
+    packed = example.encode(tokenizer, sents, 24)
+    assert len(alone) == 4 and 1 < len(packed) < 4
+    assert all(len(w.ids) <= 24 for w in packed)
+    assert [s for w in packed for s in sorted({x[0] for x in w.word_of if x is not None})] == [0, 1, 2, 3]
+    assert set().union(*(w.entities for w in packed)) == set().union(*(w.entities for w in alone))
+    for w in packed:  # every gold entity is a trained piece span over its own words
+        spans = {(example.TYPES[t], w.word_of[s], w.word_of[e]) for t, s, e in w.piece_spans}
+        assert spans == {(t, (si, a), (si, b)) for si, a, b, t in w.entities}
+    (whole,) = example.encode(tokenizer, sents, 256)
+    assert len(whole.ids) == sum(len(w.ids) - 2 for w in alone) + 2
 
 
 def test_command_line_smoke(example, tokenizer, tmp_path, capsys):
@@ -90,7 +111,7 @@ def test_command_line_smoke(example, tokenizer, tmp_path, capsys):
     losses = {}
     for head in ("fused", "eager"):
         rc = example.main(["--train", str(f), "--eval", str(f), "--head", head, "--max-steps", "2",
-                           "--max-train-sentences", "3", "--batch-size", "2", "--seed", "1"])
+                           "--max-train-sentences", "3", "--batch-size", "2", "--seed", "1", "--window", "16"])
         out = capsys.readouterr().out.strip().splitlines()
         assert rc == 0
         m = FINAL.match(out[-1])
@@ -108,3 +129,5 @@ def test_command_line_errors(example, tmp_path):
         example.main(["--head", "dense"])
     with pytest.raises(SystemExit):
         example.main(["--max-steps", "0"])
+    with pytest.raises(SystemExit):
+        example.main(["--window", "2"])
