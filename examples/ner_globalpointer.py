@@ -29,8 +29,8 @@ median time of the head's forward + backward inside a step, the part ``--head`` 
 median CPU time of a step (less sensitive than wall time to other processes on shared cores).
 Defaults: 200 steps of 8 windows (about 1.5 epochs of the 14,041 sentences), on one thread unless
 ``OMP_NUM_THREADS`` is set (on 2 cores shared with other work, two threads ran several times
-slower per step: a thread that loses its core stalls every parallel region), about 6-7 minutes
-on a quiet machine.
+slower per step: a thread that loses its core stalls every parallel region): 9.5 minutes here,
+training and evaluation, with a second run on the other core.
 
     python3 examples/ner_globalpointer.py --head fused
     python3 examples/ner_globalpointer.py --head eager --max-steps 20 --max-train-sentences 2000
@@ -235,8 +235,8 @@ def main(argv=None) -> int:
         description="Fine-tune all-MiniLM-L6-v2 + Efficient GlobalPointer on CoNLL-2003 on CPU; print "
                     "entity-level F1 on --eval. Defaults: every training sentence (14041 in train.txt), "
                     "packed into windows of 256 word pieces, 200 steps of 8 windows (about 1.5 epochs), "
-                    "evaluation on every sentence of --eval (3250 for dev.txt); about 6-7 minutes on a "
-                    "quiet machine. Runs on one thread unless OMP_NUM_THREADS is set (on shared cores "
+                    "evaluation on every sentence of --eval (3250 for dev.txt); 9.5 minutes here with "
+                    "a second run on the other core. Runs on one thread unless OMP_NUM_THREADS is set (on shared cores "
                     "two threads ran several times slower per step).",
         epilog="The last line: entity_f1=<f> precision=<f> recall=<f> step_ms=<f> peak_mib=<n> (entity "
                "level, exact word span and type; step_ms: median wall time of a training step; peak_mib: "
