@@ -3,7 +3,10 @@
 Large outputs that are zero but for a few entries per row (the sparse softmax probabilities and
 the sparse softmax cross-entropy gradient, 4 MiB and up) come from a pool of mappings whose pages
 are already resident, like the CUDA caching allocator does for device memory: re-zeroing a
-resident buffer runs at memory bandwidth while a fresh one pays a page fault every 4 KiB.
+resident buffer runs at memory bandwidth while a fresh one pays a page fault every 4 KiB. Big
+dense outputs that the kernel writes whole (causal / non-causal linear attention's output and
+gradients) come from the same pool without the re-zeroing: glibc maps every block past its 32 MiB
+threshold afresh, so a training step would otherwise fault in each output again.
 
 - Size classes: a request is rounded up to one of 4 classes per power of two (at most 25% more),
   and a cached mapping up to twice that class serves it as a view, so the many shapes of NLP
