@@ -262,37 +262,37 @@ inline void zeroed_pool_reset_counters() {
 #endif
 }
 
-inline at::Tensor new_zeroed_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// A CPU output of `sizes` from the pool (its first bytes zeroed when `zero`), or an undefined
+// tensor where the pool does not serve it (small, not CPU, no pool on this platform).
+inline at::Tensor pooled_output(at::IntArrayRef sizes, const at::TensorOptions& options, bool zero) {
   const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
 #if defined(__unix__)
   if (nbytes >= kZeroPageMinBytes && options.device().is_cpu()) {
     size_t map_bytes = 0;
-    if (void* p = ZeroedPool::get().take(nbytes, &map_bytes))
+    if (void* p = ZeroedPool::get().take(nbytes, &map_bytes, zero))
       return at::from_blob(p, sizes, [map_bytes](void* q) { ZeroedPool::get().give_back(q, map_bytes); },
                            options);
   }
 #endif
-  return at::zeros(sizes, options);
+  return at::Tensor();
+}
+
+inline at::Tensor new_zeroed_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = pooled_output(sizes, options, /*zero=*/true);
+  return t.defined() ? t : at::zeros(sizes, options);
 }
 
 // A big dense output every element of which the kernel writes (no zeroing): from the same pool of
 // resident mappings, so a training loop's per-step outputs stop paying a page fault per 4 KiB
 // (glibc maps every block past its 32 MiB mmap threshold afresh on each call: at B=2, H=8,
 // L=16384, D=64 linear attention's four outputs, 268 MB, took ~100 ms of faults a step).
+// Floating outputs only (the poison fill is NaN).
 inline at::Tensor new_resident_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-#if defined(__unix__)
-  if (nbytes >= kZeroPageMinBytes && options.device().is_cpu() && at::isFloatingType(options.dtype().toScalarType())) {
-    size_t map_bytes = 0;
-    if (void* p = ZeroedPool::get().take(nbytes, &map_bytes, /*zero=*/false)) {
-      at::Tensor t = at::from_blob(p, sizes, [map_bytes](void* q) { ZeroedPool::get().give_back(q, map_bytes); },
-                                   options);
-      if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
-      return t;
-    }
-  }
-#endif
-  return new_output(sizes, options);
+  if (!at::isFloatingType(options.dtype().toScalarType())) return new_output(sizes, options);
+  at::Tensor t = pooled_output(sizes, options, /*zero=*/false);
+  if (!t.defined()) return new_output(sizes, options);
+  if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
 }
 
 }  // namespace kx

@@ -117,7 +117,6 @@ inline vfloat vexp_flush(vfloat x) {
   std::memcpy(&out, &bits, sizeof(out));
   return out;
 }
-inline float sexp(float x) { return vexp(vbroadcast(x))[0]; }
 // y[i] = exp(x[i]) for n elements (x and y may alias).
 inline void vexp_n(const float* x, float* y, int64_t n) {
   int64_t i = 0;

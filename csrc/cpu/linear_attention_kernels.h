@@ -336,6 +336,16 @@ inline void init_state(const void* src, int64_t idx, int64_t n, A* dst) {
     std::memset(dst, 0, size_t(n) * sizeof(A));
 }
 
+// One output row's normalizer: den = fq . z + eps (kept for the backward), num /= den (a zero
+// denominator, eps = 0 with nothing seen yet, counts as 1/den = 0).
+template <typename A>
+inline void normalize_row(const A* fq, const A* z, int64_t Dk, A eps, A* den, A* num, int64_t Dv) {
+  const A d = vdot(fq, z, Dk) + eps;
+  *den = d;
+  const A inv = d != A(0) ? A(1) / d : A(0);
+  for (int64_t e = 0; e < Dv; ++e) num[e] *= inv;
+}
+
 // Tasks of small sequences are batched, so that a decode step (L = 1) is one short loop.
 inline int64_t grain_heads(int64_t L) { return std::max<int64_t>(1, 256 / std::max<int64_t>(L, 1)); }
 
@@ -364,16 +374,9 @@ void causal_forward(const LaArgs& p) {
         mm<A>(false, true, n, n, Dk, 1, c.rq, c.lrq, c.rk, c.lrk, 0, w.t1, n);
         mask_tril(w.t1, n);
         mm<A>(false, false, n, Dv, n, 1, w.t1, n, c.v, c.lv, 1, num, Dv);
-        if (p.normalize) {
-          for (int64_t i = 0; i < n; ++i) {
-            axpy_n(A(1), c.fk + i * c.lfk, w.z, Dk);
-            const A d = vdot(c.fq + i * c.lfq, w.z, Dk) + A(p.eps);
-            den[t0 + i] = d;
-            const A inv = d != A(0) ? A(1) / d : A(0);
-            for (int64_t e = 0; e < Dv; ++e) num[i * Dv + e] *= inv;
-          }
-        } else {
-          for (int64_t i = 0; i < n; ++i) axpy_n(A(1), c.fk + i * c.lfk, w.z, Dk);
+        for (int64_t i = 0; i < n; ++i) {
+          axpy_n(A(1), c.fk + i * c.lfk, w.z, Dk);
+          if (p.normalize) normalize_row(c.fq + i * c.lfq, w.z, Dk, A(p.eps), den + t0 + i, num + i * Dv, Dv);
         }
         mm<A>(true, false, Dk, Dv, n, 1, c.rk, c.lrk, c.v, c.lv, 1, w.S, Dv);
         finish_rows(num, n, Dv, out + t0 * Dv);
@@ -498,14 +501,9 @@ void full_forward(const LaArgs& p) {
         load_chunk<T>(p, b, h, t0, n, w);
         A* num = result_rows(out + t0 * Dv, w.w1);
         mm<A>(false, false, n, Dv, Dk, 1, c.rq, c.lrq, w.S, Dv, 0, num, Dv);
-        if (p.normalize) {
-          for (int64_t i = 0; i < n; ++i) {
-            const A d = vdot(c.fq + i * c.lfq, w.z, Dk) + A(p.eps);
-            den[t0 + i] = d;
-            const A inv = d != A(0) ? A(1) / d : A(0);
-            for (int64_t e = 0; e < Dv; ++e) num[i * Dv + e] *= inv;
-          }
-        }
+        if (p.normalize)
+          for (int64_t i = 0; i < n; ++i)
+            normalize_row(c.fq + i * c.lfq, w.z, Dk, A(p.eps), den + t0 + i, num + i * Dv, Dv);
         finish_rows(num, n, Dv, out + t0 * Dv);
       }
     }
