@@ -26,11 +26,12 @@ Math in float32: float16 / bfloat16 inputs are loaded and converted; outputs in 
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kxkernels.ops._triton.launch import new_output
 
 # (BLOCK_M, BLOCK_N, num_warps) the launchers choose from (see _pick_config); every kernel of this
 # module takes BLOCK_M and BLOCK_N, and tests/triton/_aot.py compiles each at each config.
@@ -52,14 +53,6 @@ def _pick_row_config(C: int) -> dict:
 
 def _block_d(D: int) -> int:
     return max(MIN_BLOCK_D, triton.next_power_of_2(D))
-
-
-def _new(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    """An output; NaN-filled when KX_POISON_OUTPUTS=1 (the tests), so an unwritten element shows."""
-    t = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    if os.environ.get("KX_POISON_OUTPUTS") == "1" and t.dtype.is_floating_point:
-        t.fill_(float("nan"))
-    return t
 
 
 # ---- device helpers -----------------------------------------------------------------------------
@@ -540,7 +533,7 @@ def global_pointer_fwd(q, k, mask, start_bias, end_bias, rope, rope_base, interl
     _checked_qk(q, k, rope, rope_base, scale, mask, start_bias, end_bias)
     B, H, L, D = q.shape
     cfg = _pick_config(L)
-    out = _new((B, H, L, L), q)
+    out = new_output((B, H, L, L), q)
     m, has_m = _mask_arg(mask, q)
     sb, has_sb = _bias_arg(start_bias, q)
     eb, has_eb = _bias_arg(end_bias, q)
@@ -557,8 +550,8 @@ def global_pointer_bwd(grad, q, k, mask, rope, rope_base, interleaved, tril, sca
     if tuple(grad.shape) != (B, H, L, L):
         raise ValueError(f"grad must be (B, H, L, L) = {(B, H, L, L)}, got {tuple(grad.shape)}")
     cfg = _pick_config(L)
-    dq, dk = _new((B, H, L, D), q), _new((B, H, L, D), q)
-    dsb, deb = _new((B, H, L), q, torch.float32), _new((B, H, L), q, torch.float32)
+    dq, dk = new_output((B, H, L, D), q), new_output((B, H, L, D), q)
+    dsb, deb = new_output((B, H, L), q, torch.float32), new_output((B, H, L), q, torch.float32)
     m, has_m = _mask_arg(mask, q)
     theta = _theta(D, rope_base, q.device)
     common = dict(HAS_MASK=has_m, ROPE=bool(rope), INTERLEAVED=bool(interleaved), TRIL=bool(tril),
@@ -634,8 +627,8 @@ def global_pointer_loss_bwd(grad_loss, q, k, spans, mask, start_bias, end_bias, 
             raise ValueError(f"{name} must be (B, H) = {(B, H)}, got {tuple(t.shape)}")
     cells, row_start, max_per_row = positives_index(spans, L)
     cfg = _pick_config(L)
-    dq, dk = _new((B, H, L, D), q), _new((B, H, L, D), q)
-    dsb, deb = _new((B, H, L), q, torch.float32), _new((B, H, L), q, torch.float32)
+    dq, dk = new_output((B, H, L, D), q), new_output((B, H, L, D), q)
+    dsb, deb = new_output((B, H, L), q, torch.float32), new_output((B, H, L), q, torch.float32)
     m, has_m = _mask_arg(mask, q)
     sb, has_sb = _bias_arg(start_bias, q)
     eb, has_eb = _bias_arg(end_bias, q)
@@ -670,7 +663,7 @@ def multilabel_categorical_crossentropy_fwd(logits, labels):
     x, y = _rows_of(logits), _labels_arg(labels, logits)
     N, C = x.shape
     cfg = _pick_row_config(C)
-    loss, ln, lp = (_new((N,), x, torch.float32) for _ in range(3))
+    loss, ln, lp = (new_output((N,), x, torch.float32) for _ in range(3))
     bad = torch.zeros(N, dtype=torch.int32, device=x.device)
     _mcce_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](x, x.stride(0), y, y.stride(0), loss, ln, lp, bad, N, C,
                                                         **cfg)
@@ -686,7 +679,7 @@ def multilabel_categorical_crossentropy_bwd(grad_loss, logits, labels, lse_neg, 
         if tuple(t.shape) != (N,):
             raise ValueError(f"{name} must be (N,) = ({N},), got {tuple(t.shape)}")
     cfg = _pick_row_config(C)
-    out = _new((N, C), x)
+    out = new_output((N, C), x)
     _mcce_bwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
         grad_loss.float().contiguous(), x, x.stride(0), y, y.stride(0), lse_neg.float().contiguous(),
         lse_pos.float().contiguous(), out, N, C, **cfg)
@@ -716,7 +709,7 @@ def sparse_multilabel_categorical_crossentropy_fwd(logits, pos_index, mask_zero)
     N, C = x.shape
     p = _positives_arg(pos_index, x, mask_zero)
     cfg = _pick_row_config(C)
-    loss, ln, lp = (_new((N,), x, torch.float32) for _ in range(3))
+    loss, ln, lp = (new_output((N,), x, torch.float32) for _ in range(3))
     _smcce_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](x, x.stride(0), p, p.shape[1], loss, ln, lp, N, C,
                                                          MASK_ZERO=bool(mask_zero), **cfg)
     return loss, ln, lp
@@ -727,7 +720,7 @@ def sparse_multilabel_categorical_crossentropy_bwd(grad_loss, logits, pos_index,
     N, C = x.shape
     p = _positives_arg(pos_index, x, mask_zero)
     cfg = _pick_row_config(C)
-    out = _new((N, C), x)
+    out = new_output((N, C), x)
     _smcce_bwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
         grad_loss.float().contiguous(), x, x.stride(0), p, p.shape[1], lse_neg.float().contiguous(),
         lse_pos.float().contiguous(), out, N, C, MASK_ZERO=bool(mask_zero), **cfg)
